@@ -1,0 +1,148 @@
+"""The FusedKV math, in one place: who reads which source, and how sources are fused.
+
+Every layer gets a `LayerPlan`. A storage layer computes its own K/V and may publish them as
+sources for later layers; a reconstruction layer computes no K/V and builds them as a sum of
+(optionally per-channel weighted) sources. A variant is a rule in `layer_plans`, nothing more.
+
+A source is `(layer_number, "k" | "v")`: the post-k-norm, post-RoPE key (or the value) of that
+layer, `[s, b, kv_heads, head_dim]`. Which sources are alive between two layers (published
+before, read after) is `live_sources`; it is what a pipeline boundary has to carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import KVSharingConfig
+
+Source = tuple[int, str]
+
+
+@dataclass(frozen=True)
+class Term:
+    """One summand of a reconstructed K or V: a source, times a learnable vector if weighted."""
+
+    source: Source
+    weighted: bool
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer_number: int
+    key: tuple[Term, ...] = ()
+    value: tuple[Term, ...] = ()
+    publishes: tuple[Source, ...] = ()
+
+    @property
+    def is_reconstruction(self) -> bool:
+        return bool(self.key)
+
+    @property
+    def reads(self) -> tuple[Source, ...]:
+        return tuple(t.source for t in self.key + self.value)
+
+
+def _terms(kind: str, layers: tuple[int, ...], weighted: bool) -> tuple[Term, ...]:
+    return tuple(Term((layer, kind), weighted) for layer in layers)
+
+
+def layer_plans(kv: KVSharingConfig, num_layers: int) -> list[LayerPlan]:
+    """The plan of every layer 1..num_layers for a (validated) configuration."""
+    v = kv.variant
+    n = num_layers // 2
+    plans: dict[int, LayerPlan] = {i: LayerPlan(i) for i in range(1, num_layers + 1)}
+    if v in ("fusedkv", "fusedkv_lite", "fusedkv_lite_learnable", "yoco"):
+        bottom, middle = kv.sources(num_layers)
+        if v == "fusedkv":
+            key, value = _terms("k", (bottom, middle), True), _terms("v", (bottom, middle), True)
+        elif v == "yoco":
+            key, value = _terms("k", (middle,), False), _terms("v", (middle,), False)
+        else:
+            weighted = v == "fusedkv_lite_learnable"
+            key, value = _terms("k", (middle,), weighted), _terms("v", (bottom,), weighted)
+        for i in range(n + 1, num_layers + 1):
+            plans[i] = LayerPlan(i, key, value)
+    elif v == "cla":
+        for i in range(2, num_layers + 1, 2):
+            plans[i] = LayerPlan(i, _terms("k", (i - 1,), False), _terms("v", (i - 1,), False))
+    # A storage layer publishes exactly what later layers read of it.
+    read = {s for p in plans.values() for s in p.reads}
+    for i, p in plans.items():
+        if not p.is_reconstruction:
+            pub = tuple(s for s in ((i, "k"), (i, "v")) if s in read)
+            plans[i] = LayerPlan(i, publishes=pub)
+    return [plans[i] for i in range(1, num_layers + 1)]
+
+
+def live_sources(plans: list[LayerPlan], after_layer: int) -> tuple[Source, ...]:
+    """Sources published at layers <= after_layer that a layer > after_layer still reads."""
+    published = {s for p in plans[:after_layer] for s in p.publishes}
+    needed = {s for p in plans[after_layer:] for s in p.reads}
+    return tuple(sorted(published & needed))
+
+
+def expand_key_weight(weight: torch.Tensor, rotary_interleaved: bool) -> torch.Tensor:
+    """[..., head_dim/2] -> [..., head_dim], equal on the two channels one RoPE frequency rotates.
+
+    Rotate-half RoPE (Megatron's default) pairs channel j with j + head_dim/2; interleaved RoPE
+    pairs 2j with 2j+1. With the tie, w * RoPE_m(k) == RoPE_m(w * k), so fusing post-RoPE keys
+    keeps scores relative (SPEC.md section 1).
+    """
+    if rotary_interleaved:
+        return weight.repeat_interleave(2, dim=-1)
+    return torch.cat([weight, weight], dim=-1)
+
+
+def fuse(sources: list[torch.Tensor], weights: list[torch.Tensor | None]) -> torch.Tensor:
+    """sum_i w_i * s_i with s_i [s, b, heads, d] and w_i [heads or 1, d] (None means 1)."""
+    out = None
+    for src, w in zip(sources, weights, strict=True):
+        term = src if w is None else src * w.to(src.dtype)
+        out = term if out is None else out + term
+    return out
+
+
+def init_fusion_weight(
+    weight: torch.Tensor, kv: KVSharingConfig, term: Term, plan: LayerPlan
+) -> None:
+    """Fill one fusion vector in place per `kv.fusion_init`."""
+    with torch.no_grad():
+        if kv.fusion_init == "normal":
+            weight.normal_(0.0, 1.0)
+            return
+        # "lite": reproduce FusedKV-Lite at step 0 (K from the middle layer, V from the bottom).
+        layers = [t.source[0] for t in (plan.key if term.source[1] == "k" else plan.value)]
+        lite_layer = max(layers) if term.source[1] == "k" else min(layers)
+        weight.fill_(1.0 if term.source[0] == lite_layer else 0.0)
+
+
+def fusion_parameter_count(
+    kv: KVSharingConfig, num_layers: int, num_query_groups: int, head_dim: int
+) -> int:
+    """Parameters the fusion adds to the whole model.
+
+    fusedkv: (L/2) * G * (2 * d/2 + 2 * d) = 1.5 * L * G * d, with G = KV heads (1 when the
+    weights are shared across heads); fusedkv_lite_learnable: (L/2) * G * (d/2 + d).
+    """
+    groups = num_query_groups if kv.weights_per_head else 1
+    total = 0
+    for plan in layer_plans(kv, num_layers):
+        for term in plan.key:
+            total += groups * head_dim // 2 if term.weighted else 0
+        for term in plan.value:
+            total += groups * head_dim if term.weighted else 0
+    return total
+
+
+def kv_cache_bytes_per_token(
+    kv: KVSharingConfig,
+    num_layers: int,
+    num_query_groups: int,
+    head_dim: int,
+    bytes_per_element: int = 2,
+) -> int:
+    """Inference KV-cache bytes per token: K and V of every layer that computes its own."""
+    storage = sum(not p.is_reconstruction for p in layer_plans(kv, num_layers))
+    return storage * 2 * num_query_groups * head_dim * bytes_per_element

@@ -1,0 +1,38 @@
+"""fusedkv_megatron: pretraining FusedKV language models on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fusedkv_megatron",
+    version="0.1.0",
+    description="FusedKV (arXiv 2512.03870) pretraining on NVIDIA Megatron-Core",
+    python_requires=">=3.12",
+    packages=find_packages(include=["fusedkv_megatron", "fusedkv_megatron.*"]),
+    include_package_data=True,
+    package_data={"fusedkv_megatron": ["data/*", "hf/*.py"]},
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.19,<0.20",
+        "numpy",
+        "packaging",
+        "psutil",  # needed by megatron.core.dist_checkpointing, not declared upstream
+        "pyyaml",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.16",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "hf": ["transformers>=4.56"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.56"],
+        "dev": ["ruff>=0.6", "pytest>=8", "pytest-timeout", "transformers>=4.56"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fusedkv-pretrain=fusedkv_megatron.pretrain:main",
+            "fusedkv-convert-hf=fusedkv_megatron.hf.convert:main_to_hf",
+            "fusedkv-convert-megatron=fusedkv_megatron.hf.convert:main_to_megatron",
+        ]
+    },
+)
