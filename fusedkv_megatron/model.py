@@ -74,6 +74,9 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
+    # Top layers differ in shape from bottom layers, so checkpoints need per-layer keys
+    # ("decoder.layers.<global index>.…") rather than keys stacked over layers.
+    config.hetereogenous_dist_checkpoint = True
     spec = get_fusedkv_decoder_block_spec(
         config, kv_sharing, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage,
     )
