@@ -9,8 +9,10 @@ Public API:
 """
 
 from .compat import cpu as _cpu
+from .compat import upstream as _upstream
 
 _cpu.apply()  # no-op when CUDA is present
+_upstream.apply()
 
 from .config import VARIANTS, KVSharingConfig, KVSharingError  # noqa: E402
 from .fusion import (  # noqa: E402

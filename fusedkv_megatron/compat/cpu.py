@@ -126,6 +126,22 @@ def _patch_cuda_literals():
     _mode.__enter__()
 
 
+def _patch_causal_masks():
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    def causal(sq):
+        return torch.ones(sq, sq, dtype=torch.bool).triu(1)
+
+    def sliding(sq, skv, window_size):
+        m = torch.ones(sq, skv, dtype=torch.bool)
+        return ~(m.triu(skv - sq - window_size[0]).tril(skv - sq + window_size[1]))
+
+    for module in (utils, fused_softmax):
+        module.get_default_causal_mask = causal
+        module.get_sliding_window_causal_mask = sliding
+
+
 PATCHES: list[Patch] = [
     Patch(
         "current_device",
@@ -146,6 +162,12 @@ PATCHES: list[Patch] = [
         "streams",
         "the grad-buffer sync calls torch.cuda.current_stream() unconditionally (0.19)",
         _patch_streams,
+    ),
+    Patch(
+        "causal_masks",
+        "the softmax's default causal mask is built with device='cuda'; it also runs inside "
+        "backward (activation recompute), where no TorchFunctionMode is active",
+        _patch_causal_masks,
     ),
     Patch(
         "cuda_literals",

@@ -1,0 +1,30 @@
+"""Fixes for Megatron-Core bugs that are not CPU-specific (they hit GPU runs without TE too).
+
+Each fix is applied once at import of fusedkv_megatron and is checked by
+tests/unit/test_cpu_compat.py: the test fails when upstream fixes the bug (so the fix can go).
+"""
+
+from __future__ import annotations
+
+from megatron.core.tensor_parallel import random as mrandom
+
+_original_cwo_init = mrandom.CheckpointWithoutOutput.__init__
+
+
+def checkpoint_without_output_fp8_bug_present() -> bool:
+    """0.19: CheckpointWithoutOutput(fp8=False) sets self.fp8 = (False is not None) = True and
+    then calls Transformer Engine's FP8GlobalStateManager, a NameError without TE. The stock
+    TransformerLayer uses it for selective recompute of "layernorm"."""
+    probe = object.__new__(mrandom.CheckpointWithoutOutput)
+    _original_cwo_init(probe)
+    return probe.fp8 is True
+
+
+def _fixed_cwo_init(self, fp8=False):
+    _original_cwo_init(self, fp8)
+    self.fp8 = fp8 not in (None, False)
+
+
+def apply() -> None:
+    if checkpoint_without_output_fp8_bug_present():
+        mrandom.CheckpointWithoutOutput.__init__ = _fixed_cwo_init
