@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 TESTED_MEGATRON = "0.19"
 _applied = False
 _mode: TorchFunctionMode | None = None
+# What each patch replaced, kept so tests can show the patch is still needed.
+ORIGINALS: dict[str, object] = {}
 
 
 @dataclass(frozen=True)
@@ -74,14 +76,17 @@ class _DummyStream:
 
 
 def _patch_current_device():
+    ORIGINALS["current_device"] = torch.cuda.current_device
     torch.cuda.current_device = lambda: torch.device("cpu")
 
 
 def _patch_synchronize():
+    ORIGINALS["synchronize"] = torch.cuda.synchronize
     torch.cuda.synchronize = lambda *a, **k: None
 
 
 def _patch_streams():
+    ORIGINALS["streams"] = torch.cuda.current_stream
     torch.cuda.current_stream = lambda *a, **k: _DummyStream()
     torch.cuda.default_stream = lambda *a, **k: _DummyStream()
     torch.cuda.Stream = _DummyStream
@@ -92,6 +97,7 @@ def _patch_streams():
 def _patch_rng_tracker():
     from megatron.core.tensor_parallel import random as mrandom
 
+    ORIGINALS["rng_tracker"] = mrandom._get_cuda_rng_state
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
@@ -129,6 +135,8 @@ def _patch_cuda_literals():
 def _patch_causal_masks():
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils
+
+    ORIGINALS["causal_masks"] = utils.get_default_causal_mask
 
     def causal(sq):
         return torch.ones(sq, sq, dtype=torch.bool).triu(1)
