@@ -49,8 +49,10 @@ def kv_rule(variant: str, i: int, L: int):
     if i <= n or variant in ("vanilla", "gqa"):
         return None
     if variant == "fusedkv":
-        return ([(1, "key_weight_0"), (n, "key_weight_1")],
-                [(1, "value_weight_0"), (n, "value_weight_1")])
+        return (
+            [(1, "key_weight_0"), (n, "key_weight_1")],
+            [(1, "value_weight_0"), (n, "value_weight_1")],
+        )
     if variant == "fusedkv_lite":
         return [(n, None)], [(1, None)]
     if variant == "fusedkv_lite_learnable":
@@ -61,8 +63,16 @@ def kv_rule(variant: str, i: int, L: int):
 
 
 class ReferenceModel:
-    def __init__(self, weights: dict, variant: str, num_layers: int, heads: int, groups: int,
-                 rotary_base: float = 1e6, eps: float = 1e-6):
+    def __init__(
+        self,
+        weights: dict,
+        variant: str,
+        num_layers: int,
+        heads: int,
+        groups: int,
+        rotary_base: float = 1e6,
+        eps: float = 1e-6,
+    ):
         self.w = weights
         self.variant, self.L, self.H, self.G = variant, num_layers, heads, groups
         self.base, self.eps = rotary_base, eps

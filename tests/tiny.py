@@ -14,8 +14,9 @@ def groups_for(variant: str) -> int:
 def tiny_config(variant: str, num_layers: int = L, **overrides):
     from fusedkv_megatron import qwen3_config
 
-    fields = dict(num_query_groups=groups_for(variant), ffn_hidden_size=FFN,
-                  use_cpu_initialization=True)
+    fields = dict(
+        num_query_groups=groups_for(variant), ffn_hidden_size=FFN, use_cpu_initialization=True
+    )
     fields.update(overrides)
     return qwen3_config(num_layers, HIDDEN, HEADS, **fields)
 

@@ -38,8 +38,9 @@ def gather_full(name: str, param, local: torch.Tensor, model) -> torch.Tensor:
     dim = param.partition_dim
     if _is_glu_fc1(name, model):
         halves = [p.chunk(2, dim=dim) for p in pieces]
-        return torch.cat([torch.cat([h[0] for h in halves], dim),
-                          torch.cat([h[1] for h in halves], dim)], dim)
+        return torch.cat(
+            [torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim
+        )
     return torch.cat(pieces, dim=dim)
 
 

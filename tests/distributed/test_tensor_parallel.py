@@ -34,8 +34,12 @@ def _tp1_reference(case):
 def test_tp2_and_sequence_parallel_match_tp1(megatron_tp1, tmp_path: Path):
     refs = {key: _tp1_reference(case) for key, case in CASES.items()}
     torch.save(refs, tmp_path / "ref.pt")
-    run_torchrun(Path(__file__).with_name("tp_worker.py"), 2, str(tmp_path / "ref.pt"),
-                 str(tmp_path / "out.pt"))
+    run_torchrun(
+        Path(__file__).with_name("tp_worker.py"),
+        2,
+        str(tmp_path / "ref.pt"),
+        str(tmp_path / "out.pt"),
+    )
     results = torch.load(tmp_path / "out.pt")
     assert len(results) == 2 * len(CASES)
     for key, (loss, grads) in results.items():
@@ -43,5 +47,6 @@ def test_tp2_and_sequence_parallel_match_tp1(megatron_tp1, tmp_path: Path):
         torch.testing.assert_close(loss, ref["loss"], rtol=1e-5, atol=1e-5, msg=key)
         assert grads.keys() == ref["grads"].keys(), key
         for name, g in grads.items():
-            torch.testing.assert_close(g, ref["grads"][name], rtol=1e-4, atol=1e-5,
-                                       msg=f"{key}: {name}")
+            torch.testing.assert_close(
+                g, ref["grads"][name], rtol=1e-4, atol=1e-5, msg=f"{key}: {name}"
+            )

@@ -11,20 +11,23 @@ import sys
 
 import torch
 import torch.distributed as dist
-
-import fusedkv_megatron  # noqa: F401  (CPU patches first)
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+import fusedkv_megatron  # noqa: F401  (CPU patches first)
 from tests.distributed.sharding import gather_full, load_full_state
 from tests.tiny import tiny_batch, tiny_model
 
 
 def run(case: dict, ref: dict, sequence_parallel: bool):
-    model = tiny_model(case["variant"], kv_overrides=case["kv"],
-                       sequence_parallel=sequence_parallel,
-                       tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size())
+    model = tiny_model(
+        case["variant"],
+        kv_overrides=case["kv"],
+        sequence_parallel=sequence_parallel,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+    )
     load_full_state(model, ref["state"])
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     tokens, labels, pos = tiny_batch()

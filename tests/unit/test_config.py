@@ -12,10 +12,18 @@ from fusedkv_megatron import KVSharingConfig, KVSharingError, layer_plans, live_
     [
         (KVSharingConfig("fusedkv"), (15, 16, 16), ["num_layers=15", "even", "16"]),
         (KVSharingConfig("yoco"), (2, 16, 16), ["num_layers=2", "L >= 4"]),
-        (KVSharingConfig("fusedkv"), (16, 16, 2, 4), ["num_query_groups=2", "tensor_model_parallel_size=4"]),
+        (
+            KVSharingConfig("fusedkv"),
+            (16, 16, 2, 4),
+            ["num_query_groups=2", "tensor_model_parallel_size=4"],
+        ),
         (KVSharingConfig("fusedkv_v2"), (16, 16, 16), ["'fusedkv_v2'", "fusedkv_lite"]),
         (KVSharingConfig("fusedkv", source_layers=(1, 9)), (16, 16, 16), ["(1, 9)", "L/2 = 8"]),
-        (KVSharingConfig("fusedkv", source_layers=(3, 3)), (16, 16, 16), ["(3, 3)", "bottom < middle"]),
+        (
+            KVSharingConfig("fusedkv", source_layers=(3, 3)),
+            (16, 16, 16),
+            ["(3, 3)", "bottom < middle"],
+        ),
         (KVSharingConfig("gqa"), (16, 16, 16), ["gqa", "num_query_groups=8"]),
         (KVSharingConfig("cla", source_layers=(1, 2)), (16, 16, 16), ["source_layers", "cla"]),
         (KVSharingConfig("fusedkv", fusion_init="zeros"), (16, 16, 16), ["fusion_init='zeros'"]),
@@ -44,7 +52,9 @@ def test_plans_follow_the_spec_tables():
     assert [t.source for t in fused[5].key] == [(1, "k"), (4, "k")]
     assert all(t.weighted for t in fused[5].key + fused[5].value)
     lite = layer_plans(KVSharingConfig("fusedkv_lite"), L)[6]
-    assert [t.source for t in lite.key] == [(4, "k")] and [t.source for t in lite.value] == [(1, "v")]
+    assert [t.source for t in lite.key] == [(4, "k")] and [t.source for t in lite.value] == [
+        (1, "v")
+    ]
     assert not any(t.weighted for t in lite.key + lite.value)
     cla = layer_plans(KVSharingConfig("cla"), L)
     assert [p.is_reconstruction for p in cla] == [False, True] * 4

@@ -12,13 +12,20 @@ import torch
 
 from fusedkv_megatron.compat import cpu, upstream
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches apply only without CUDA")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU patches apply only without CUDA"
+)
 
 
 def test_all_patches_applied():
     assert cpu.is_applied()
     assert [p.name for p in cpu.PATCHES] == [
-        "current_device", "rng_tracker", "synchronize", "streams", "causal_masks", "cuda_literals"
+        "current_device",
+        "rng_tracker",
+        "synchronize",
+        "streams",
+        "causal_masks",
+        "cuda_literals",
     ]
     assert all(p.reason for p in cpu.PATCHES)
 
@@ -41,8 +48,10 @@ def test_cuda_literals_still_in_megatron():
     from megatron.core.pipeline_parallel import schedules
 
     sources = [inspect.getsource(m) for m in (schedules, clip_grads, optimizer.optimizer)]
-    hits = sum(len(re.findall(r"""device=['"]cuda['"]|\.cuda\(\)|torch\.cuda\.FloatTensor""", s))
-               for s in sources)
+    hits = sum(
+        len(re.findall(r"""device=['"]cuda['"]|\.cuda\(\)|torch\.cuda\.FloatTensor""", s))
+        for s in sources
+    )
     assert hits > 0, "Megatron no longer hard-codes CUDA here: remove the cuda_literals patch"
 
 

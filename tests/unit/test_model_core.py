@@ -76,8 +76,10 @@ def test_parameter_accounting(megatron_tp1, variant):
             q_rows = HEADS * HEAD_DIM + 2 * g * HEAD_DIM
             assert params[attn + "linear_qkv.weight"].shape == (q_rows, HIDDEN)
     fusion = sum(p.numel() for n, p in params.items() if "_weight_" in n)
-    expected = {"fusedkv": 3 * L * g * HEAD_DIM // 2,
-                "fusedkv_lite_learnable": (L // 2) * g * (HEAD_DIM // 2 + HEAD_DIM)}
+    expected = {
+        "fusedkv": 3 * L * g * HEAD_DIM // 2,
+        "fusedkv_lite_learnable": (L // 2) * g * (HEAD_DIM // 2 + HEAD_DIM),
+    }
     assert fusion == expected.get(variant, 0)
     assert fusion == fusion_parameter_count(KVSharingConfig(variant), L, g, HEAD_DIM)
 
@@ -99,14 +101,16 @@ def test_kv_cache_is_half_of_vanilla(variant):
 
 
 RECOMPUTE = {
-    "full-uniform": dict(recompute_granularity="full", recompute_method="uniform",
-                         recompute_num_layers=1),
-    "full-block": dict(recompute_granularity="full", recompute_method="block",
-                       recompute_num_layers=3),
-    "selective-core_attn": dict(recompute_granularity="selective",
-                                recompute_modules=["core_attn"]),
-    "selective-layernorm": dict(recompute_granularity="selective",
-                                recompute_modules=["core_attn", "layernorm", "mlp"]),
+    "full-uniform": dict(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+    ),
+    "full-block": dict(
+        recompute_granularity="full", recompute_method="block", recompute_num_layers=3
+    ),
+    "selective-core_attn": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    "selective-layernorm": dict(
+        recompute_granularity="selective", recompute_modules=["core_attn", "layernorm", "mlp"]
+    ),
 }
 
 

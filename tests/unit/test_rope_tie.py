@@ -41,12 +41,14 @@ def test_tied_key_weights_keep_scores_relative(megatron_tp1, interleaved):
         torch.testing.assert_close(shifted, base, rtol=1e-5, atol=1e-5)
 
     # Untied per-channel weights leak absolute position: the same shift changes the scores.
-    untied = (torch.randn(HEADS, D, generator=g, dtype=torch.float64),
-              torch.randn(HEADS, D, generator=g, dtype=torch.float64))
-    drift = (_scores(q, k1, kn, *untied, 7, config) - _scores(q, k1, kn, *untied, 0, config))
+    untied = (
+        torch.randn(HEADS, D, generator=g, dtype=torch.float64),
+        torch.randn(HEADS, D, generator=g, dtype=torch.float64),
+    )
+    drift = _scores(q, k1, kn, *untied, 7, config) - _scores(q, k1, kn, *untied, 0, config)
     assert drift.abs().max() > 1e-2
 
     # Tying with the other convention's pairing is as wrong as not tying at all.
     wrong = (expand_key_weight(half1, not interleaved), expand_key_weight(halfn, not interleaved))
-    drift = (_scores(q, k1, kn, *wrong, 7, config) - _scores(q, k1, kn, *wrong, 0, config))
+    drift = _scores(q, k1, kn, *wrong, 7, config) - _scores(q, k1, kn, *wrong, 0, config)
     assert drift.abs().max() > 1e-2
