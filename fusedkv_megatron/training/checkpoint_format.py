@@ -77,6 +77,9 @@ def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; make it readable like other files
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

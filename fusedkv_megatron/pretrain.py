@@ -1,0 +1,237 @@
+"""`fusedkv-pretrain` / `python -m fusedkv_megatron.pretrain`: pretrain a KV-sharing model.
+
+    torchrun --nproc-per-node 4 -m fusedkv_megatron.pretrain --config examples/configs/tiny.yaml \
+        --kv-sharing fusedkv --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+        --data-path data/corpus_text_document --tokenizer-model data/tokenizer.model \
+        --save ckpt --load ckpt --tensorboard-dir tb
+
+Flags follow Megatron-LM's names (see `--help` and README "Training"). Without torchrun it runs
+as one process; without CUDA on the CPU under gloo. Exit codes: 0 done (also after a signal or
+time/interval exit, with a checkpoint saved), 2 bad configuration or inputs, 3 diverged.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fusedkv_megatron  # noqa: F401  (CPU patches before any Megatron import)
+
+
+def _startup_report(rt, run_info) -> None:
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    from .fusion import kv_cache_bytes_per_token
+    from .pipeline import boundary_bytes
+    from .training.reporting import print_first
+
+    a, rt_model = rt.args, rt.model
+    counts = torch.zeros(2, dtype=torch.float64)
+    tied = not a.untie_embeddings_and_output_weights
+    for chunk in rt_model:
+        for name, p in chunk.named_parameters():
+            if not param_is_not_tensor_parallel_duplicate(p):
+                continue
+            embedding = "embedding" in name or "output_layer" in name
+            if embedding and "output_layer" in name and tied:
+                continue  # the tied output layer is the input embedding (counted once)
+            counts[0] += p.numel()
+            counts[1] += 0 if embedding else p.numel()
+    counts = counts.to(rt.device)
+    torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+    m = run_info["model"]
+    kv_bytes = kv_cache_bytes_per_token(rt.kv, a.num_layers, a.num_query_groups, a.kv_channels)
+    print_first(
+        f"> model: {a.kv_sharing}, {a.num_layers} layers, hidden {a.hidden_size}, ffn "
+        f"{a.ffn_hidden_size}, heads {a.num_attention_heads}/{a.num_query_groups} KV, head dim "
+        f"{a.kv_channels}, vocab {rt.tokenizer.vocab_size} (padded {m['padded_vocab_size']}), "
+        f"seq {a.seq_length}\n"
+        f"> parameters: {int(counts[0]):,} with embeddings, {int(counts[1]):,} without\n"
+        f"> KV cache: {kv_bytes:,} bytes per token (bf16)\n"
+        f"> parallel: TP {a.tensor_model_parallel_size}, PP {a.pipeline_model_parallel_size}, "
+        f"VPP {a.virtual_pipeline_model_parallel_size}, DP {a.data_parallel_size}; global batch "
+        f"{a.global_batch_size} = micro {a.micro_batch_size} x DP x {a.num_microbatches} "
+        f"microbatches"
+    )
+    if a.pipeline_model_parallel_size > 1:
+        for b in boundary_bytes(rt.config, rt.kv, a.micro_batch_size, a.seq_length):
+            print_first(
+                f"> pipeline boundary after layer {b.after_layer}: {b.total_bytes:,} bytes per "
+                f"microbatch per TP rank (hidden {b.hidden_bytes:,} + sources "
+                f"{[f'{kind.upper()}{layer}' for layer, kind in b.sources]} {b.source_bytes:,})"
+            )
+
+
+def run(args) -> int:
+    import torch
+
+    from .training import checkpoint_format as fmt
+    from .training.checkpointing import (
+        TrainState,
+        load_checkpoint,
+        resolve_load_dir,
+        save_checkpoint,
+    )
+    from .training.data import build_train_valid_test_datasets
+    from .training.initialize import setup
+    from .training.loop import Trainer
+    from .training.model_size import ModelShape, flops_per_token, peak_tflops
+    from .training.reporting import Reporter, print_first, print_last
+    from .training.signals import ExitSignalHandler
+
+    rt = setup(args)
+    a = args
+    tokenizer_file = a.tokenizer_model if a.tokenizer_type == "SentencePieceTokenizer" else None
+    run_info = fmt.make_run_info(
+        0,
+        model=dict(
+            num_layers=a.num_layers,
+            hidden_size=a.hidden_size,
+            ffn_hidden_size=a.ffn_hidden_size,
+            num_attention_heads=a.num_attention_heads,
+            num_query_groups=a.num_query_groups,
+            kv_channels=a.kv_channels,
+            padded_vocab_size=rt.padded_vocab_size,
+            seq_length=a.seq_length,
+            rotary_base=float(a.rotary_base),
+            rotary_interleaved=a.rotary_interleaved,
+            layernorm_epsilon=a.norm_epsilon,
+            normalization="RMSNorm",
+            share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights,
+        ),
+        kv_sharing=dict(
+            variant=rt.kv.variant,
+            source_layers=rt.kv.source_layers,
+            weights_per_head=rt.kv.weights_per_head,
+            fusion_init=rt.kv.fusion_init,
+        ),
+        tokenizer=dict(
+            type=a.tokenizer_type,
+            model_file=fmt.TOKENIZER_FILE if tokenizer_file else None,
+            vocab_size=rt.tokenizer.vocab_size,
+            eod_id=rt.tokenizer.eod,
+        ),
+        parallel=dict(
+            tensor_model_parallel_size=a.tensor_model_parallel_size,
+            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
+            data_parallel_size=a.data_parallel_size,
+        ),
+    )
+    _startup_report(rt, run_info)
+
+    state = TrainState()
+    if a.load:
+        ckpt = resolve_load_dir(a.load, a.save)
+        if ckpt is None:
+            print_first(f"> no checkpoint in {a.load}: starting from scratch")
+        else:
+            state = load_checkpoint(
+                ckpt,
+                rt.model,
+                rt.optimizer,
+                rt.scheduler,
+                run_info,
+                tokenizer_file,
+                load_optim=not a.no_load_optim,
+                load_rng=not a.no_load_rng,
+            )
+    gbs = a.global_batch_size
+    eval_samples = a.eval_iters * gbs
+    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+        a.data_path,
+        a.split,
+        a.seq_length,
+        a.seed,
+        (a.train_iters * gbs, eval_samples, eval_samples),
+        rt.tokenizer,
+        mock=a.mock_data,
+        data_cache_path=a.data_cache_path,
+    )
+
+    shape = ModelShape.from_args(a, rt.padded_vocab_size)
+    reporter = Reporter(a, flops_per_token(shape, rt.kv, a.seq_length), peak_tflops())
+    if reporter.writer is not None:
+        reporter.writer.add_text(
+            "arguments", "\n".join(f"    {k}: {v}" for k, v in sorted(vars(a).items()))
+        )
+    signals = ExitSignalHandler()
+
+    def save(st):
+        save_checkpoint(a.save, rt.model, rt.optimizer, rt.scheduler, st, run_info, tokenizer_file)
+
+    trainer = Trainer(rt, train_ds, valid_ds, test_ds, reporter, signals, save)
+    reason = "skip-train"
+    try:
+        if not a.skip_train:
+            print_first(f"> training from iteration {state.iteration} to {a.train_iters}")
+            state, reason = trainer.train(state)
+            if (
+                reason == "done"
+                and a.save
+                and not (a.save_interval and state.iteration % a.save_interval == 0)
+            ):
+                save(state)
+        if reason in ("done", "skip-train"):
+            trainer.evaluate(valid_ds, "validation", state.iteration)
+            trainer.evaluate(test_ds, "test", state.iteration)
+        else:
+            print_last(
+                f"> exiting at iteration {state.iteration}: "
+                f"{signals.name or reason}; checkpoint "
+                f"{'saved' if a.save else 'NOT saved (no --save)'}"
+            )
+    finally:
+        reporter.close()
+        signals.release()
+    torch.distributed.barrier()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from .config import KVSharingError
+    from .pipeline import PipelineConfigError
+    from .training.arguments import ArgumentError, parse_args, validate_args
+    from .training.checkpoint_format import CheckpointFormatError
+    from .training.initialize import init_distributed
+    from .training.loop import TrainingDiverged
+    from .training.tokenizer import TokenizerError
+
+    args = parse_args(argv)
+    code = 0
+    try:
+        init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+        validate_args(args, torch.distributed.get_world_size(), torch.cuda.is_available())
+        code = run(args)
+    except (
+        ArgumentError,
+        KVSharingError,
+        PipelineConfigError,
+        CheckpointFormatError,
+        TokenizerError,
+        FileNotFoundError,
+    ) as e:
+        _error(e)
+        code = 2
+    except TrainingDiverged as e:
+        _error(e)
+        code = 3
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return code
+
+
+def _error(e: Exception) -> None:
+    import torch
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # the checkpoint writer's spawned Manager re-imports __main__
+    sys.exit(main())

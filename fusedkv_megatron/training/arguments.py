@@ -1,0 +1,401 @@
+"""Command line and YAML configuration of `fusedkv-pretrain`.
+
+Flag names follow Megatron-LM's wherever the meaning is the same; `--kv-sharing` and a few
+FusedKV options are ours. `--config FILE` reads a YAML file whose keys are the same flag names
+(with dashes or underscores); flags given on the command line override it. Boolean flags also
+accept a `--no-` form (e.g. `--no-bf16`) so a command line can switch off what a YAML switched on.
+`validate_args` checks combinations and derives sizes; every error names the value and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+from ..config import VARIANTS
+
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+
+
+class ArgumentError(ValueError):
+    """A configuration that cannot run, with the fix in the message."""
+
+
+def _bool(parser_group, flag: str, help: str) -> None:
+    parser_group.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fusedkv-pretrain",
+        description="Pretrain a FusedKV (or baseline KV-sharing) language model on Megatron-Core.",
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="YAML file with defaults (keys are these flag names); flags override it",
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--kv-sharing",
+        choices=VARIANTS,
+        default="fusedkv",
+        help="KV-sharing variant (default fusedkv)",
+    )
+    g.add_argument(
+        "--kv-source-layers",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("BOTTOM", "MIDDLE"),
+        help="1-based source layers of the top half (default: 1 and L/2)",
+    )
+    g.add_argument(
+        "--fusion-init",
+        choices=("normal", "lite"),
+        default="normal",
+        help="fusion weight init: normal = N(0,1) as in the paper; lite = our Lite-equivalent start",
+    )
+    _bool(
+        g,
+        "--shared-fusion-weights",
+        "one fusion vector per head_dim shared over KV heads (default: one per KV head)",
+    )
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 3 * hidden")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument(
+        "--num-query-groups",
+        type=int,
+        default=None,
+        help="KV heads (default: = heads; heads/2 for --kv-sharing gqa)",
+    )
+    g.add_argument("--kv-channels", type=int, default=None, help="head dim (default hidden/heads)")
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--rotary-base", type=float, default=1_000_000.0)
+    _bool(g, "--rotary-interleaved", "interleaved RoPE pairs (2j, 2j+1)")
+    g.add_argument("--norm-epsilon", type=float, default=1e-6)
+    _bool(
+        g,
+        "--untie-embeddings-and-output-weights",
+        "separate output layer (Megatron's flag; default: tied to the input embedding)",
+    )
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    _bool(g, "--sequence-parallel", "sequence parallelism (needs TP > 1)")
+    _bool(g, "--use-distributed-optimizer", "shard optimizer state over data-parallel ranks")
+    _bool(g, "--overlap-grad-reduce", "overlap the data-parallel gradient reduce with backward")
+    g.add_argument(
+        "--distributed-backend",
+        choices=("nccl", "gloo"),
+        default=None,
+        help="default: nccl with CUDA, gloo without",
+    )
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="default micro-batch-size * data-parallel size",
+    )
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=3e-5)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default train-iters")
+    g.add_argument(
+        "--lr-decay-style",
+        choices=("constant", "linear", "cosine", "inverse-square-root"),
+        default="cosine",
+    )
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    _bool(g, "--bf16", "bfloat16 parameters and compute (fp32 main weights in the optimizer)")
+    _bool(g, "--fp16", "float16 with dynamic loss scaling")
+    g.add_argument(
+        "--fp8-format",
+        choices=FP8_FORMATS,
+        default=None,
+        help="FP8 through Transformer Engine (needs TE and a GPU)",
+    )
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument(
+        "--max-consecutive-skipped-iters",
+        type=int,
+        default=5,
+        help="stop after this many iterations in a row with a NaN/inf loss or grad norm",
+    )
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="save and exit when iteration %% exit-interval == 0",
+    )
+    g.add_argument(
+        "--inject-nan-iters", type=int, nargs="+", default=None, help=argparse.SUPPRESS
+    )  # fault injection for tests: NaN loss at these iters
+    _bool(g, "--skip-train", "no training: load, evaluate validation (and test) and exit")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", type=str, default=None)
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", type=str, default=None)
+    g.add_argument("--load", type=str, default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    _bool(g, "--no-load-optim", "load model weights only (fresh optimizer and scheduler)")
+    _bool(g, "--no-load-rng", "do not restore RNG states")
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="prefix of .bin/.idx, or a weighted blend: 0.7 A 0.3 B",
+    )
+    g.add_argument("--split", type=str, default="969,30,1")
+    g.add_argument("--data-cache-path", type=str, default=None)
+    _bool(g, "--mock-data", "train on generated tokens (no dataset needed)")
+    g.add_argument(
+        "--tokenizer-type",
+        choices=("SentencePieceTokenizer", "NullTokenizer"),
+        default=None,
+        help="default SentencePieceTokenizer with --tokenizer-model, NullTokenizer otherwise",
+    )
+    g.add_argument("--tokenizer-model", type=str, default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    return p
+
+
+def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """Turn a YAML config into argv tokens (so argparse checks types and choices)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ArgumentError(f"--config {path}: file not found; see examples/configs/ for examples")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ArgumentError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ArgumentError(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest: a for a in parser._actions}
+    argv: list[str] = []
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("config", "help"):
+            raise ArgumentError(
+                f"--config {path}: unknown key {key!r}; keys are the flag names of "
+                "fusedkv-pretrain --help (without the leading dashes)"
+            )
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(known[dest], argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            continue
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse YAML (--config) then the command line; flags override the YAML."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    cli = list(argv) if argv is not None else None
+    if first.config:
+        cli = _yaml_argv(first.config, parser) + (cli if cli is not None else sys.argv[1:])
+    return parser.parse_args(cli)
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ArgumentError(f"--{name.replace('_', '-')}={value} must be > 0")
+
+
+def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argparse.Namespace:
+    """Check flag combinations against the world size; fill derived values in place."""
+    _positive(
+        args,
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "seq_length",
+        "micro_batch_size",
+        "global_batch_size",
+        "train_iters",
+        "eval_interval",
+        "log_interval",
+        "save_interval",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "exit_interval",
+        "max_consecutive_skipped_iters",
+    )
+    if args.eval_iters < 0:
+        raise ArgumentError(f"--eval-iters={args.eval_iters} must be >= 0 (0 disables evaluation)")
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are both set; choose one")
+    if args.fp8_format is not None:
+        from ..spec import transformer_engine_available
+
+        if not transformer_engine_available():
+            raise ArgumentError(
+                f"--fp8-format {args.fp8_format} needs Transformer Engine on a CUDA GPU "
+                f"(cuda available: {cuda}); install it with pip install -e '.[te]' on a GPU "
+                "machine, or drop --fp8-format/--fp8-recipe"
+            )
+        if not (args.bf16 or args.fp16):
+            raise ArgumentError("--fp8-format needs --bf16 (or --fp16) for the non-FP8 parts")
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ArgumentError(
+            f"world size {world_size} is not divisible by tensor-model-parallel-size {tp} x "
+            f"pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes"
+        )
+    args.data_parallel_size = world_size // (tp * pp)
+    if args.sequence_parallel and tp == 1:
+        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    if args.kv_sharing == "gqa" and args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads // 2  # the paper's half-cache GQA
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 3 * args.hidden_size
+    if args.kv_channels is None:
+        if args.hidden_size % args.num_attention_heads:
+            raise ArgumentError(
+                f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                f"{args.num_attention_heads}; set --kv-channels explicitly"
+            )
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.num_attention_heads % tp:
+        raise ArgumentError(
+            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+
+    vpp = args.virtual_pipeline_model_parallel_size
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per = args.num_layers_per_virtual_pipeline_stage
+        if vpp is not None:
+            raise ArgumentError(
+                "set only one of --num-layers-per-virtual-pipeline-stage and "
+                "--virtual-pipeline-model-parallel-size"
+            )
+        if args.num_layers % (pp * per):
+            raise ArgumentError(
+                f"--num-layers {args.num_layers} is not divisible by pipeline size {pp} x "
+                f"--num-layers-per-virtual-pipeline-stage {per}"
+            )
+        vpp = args.num_layers // (pp * per)
+    if vpp is not None and vpp <= 1:
+        vpp = None
+    if vpp is not None and pp == 1:
+        raise ArgumentError("a virtual pipeline needs --pipeline-model-parallel-size > 1")
+    args.virtual_pipeline_model_parallel_size = vpp
+    stages = pp * (vpp or 1)
+    if args.num_layers % stages:
+        raise ArgumentError(
+            f"--num-layers {args.num_layers} cannot be split evenly over {stages} pipeline "
+            f"stages (pipeline {pp} x virtual {vpp or 1}); choose a multiple of {stages}"
+        )
+
+    dp = args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} is not a multiple of "
+            f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}"
+        )
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if vpp is not None and args.num_microbatches % pp:
+        raise ArgumentError(
+            f"the interleaved pipeline schedule needs the number of microbatches "
+            f"({args.num_microbatches} = global {args.global_batch_size} / (micro "
+            f"{args.micro_batch_size} x DP {dp})) to be a multiple of the pipeline size {pp}"
+        )
+
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        raise ArgumentError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
+            f"{args.lr_decay_iters}; shorten the warm-up or train longer"
+        )
+    if args.recompute_method is not None and args.recompute_granularity != "full":
+        raise ArgumentError("--recompute-method needs --recompute-granularity full")
+    if args.recompute_granularity == "full" and (
+        args.recompute_method is None or args.recompute_num_layers is None
+    ):
+        raise ArgumentError(
+            "--recompute-granularity full needs --recompute-method "
+            "(uniform|block) and --recompute-num-layers"
+        )
+
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval is set but --save DIR is not")
+    if args.skip_train and args.load is None:
+        raise ArgumentError("--skip-train evaluates a checkpoint: it needs --load DIR")
+
+    if args.mock_data and args.data_path:
+        raise ArgumentError("--mock-data and --data-path are both set; choose one")
+    if not args.mock_data and not args.data_path:
+        raise ArgumentError(
+            "no data: pass --data-path PREFIX (see tools/preprocess_data.py) "
+            "or --mock-data for generated tokens"
+        )
+    if args.tokenizer_type is None:
+        args.tokenizer_type = "SentencePieceTokenizer" if args.tokenizer_model else "NullTokenizer"
+    if args.tokenizer_type == "SentencePieceTokenizer" and not args.tokenizer_model:
+        raise ArgumentError("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model PATH")
+    if args.tokenizer_type == "NullTokenizer":
+        if args.tokenizer_model:
+            raise ArgumentError("--tokenizer-model is set but --tokenizer-type is NullTokenizer")
+        if args.vocab_size is None:
+            if not args.mock_data:
+                raise ArgumentError("NullTokenizer needs --vocab-size (the largest token id + 1)")
+            args.vocab_size = 512
+    if args.exit_duration_in_mins is not None and not math.isfinite(args.exit_duration_in_mins):
+        raise ArgumentError(f"--exit-duration-in-mins={args.exit_duration_in_mins} must be finite")
+    return args

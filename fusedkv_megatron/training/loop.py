@@ -1,0 +1,224 @@
+"""The training loop: microbatches through Megatron's pipeline schedules, optimizer steps with
+non-finite skipping, evaluation, periodic checkpoints, signals and exit conditions.
+
+One training iteration = one global batch: `get_forward_backward_func()` runs the microbatches
+(1F1B or interleaved with PP, plain with PP=1), `finalize_model_grads` reduces gradients, then
+every rank agrees (one small all-reduce) on whether the loss or any gradient is non-finite and
+whether an exit signal or time limit was hit. A non-finite iteration is skipped (no optimizer
+or LR step, the data is consumed) and counted; `--max-consecutive-skipped-iters` in a row stop
+the run. Validation always reads the same first `eval_iters` global batches of the validation
+split, so its curve compares like with like across evaluations and resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..pipeline import pipeline_schedule_kwargs
+from .batches import microbatch_iterators
+from .checkpointing import TrainState
+from .reporting import fusion_weight_stats
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive iterations with a non-finite loss or gradient."""
+
+
+def _loss_func(loss_mask: torch.Tensor, inject_nan: bool, output: torch.Tensor):
+    """Megatron's 3-tuple: summed loss, token count, and [sum, count] for reporting."""
+    losses = output.float().view(-1)
+    mask = loss_mask.view(-1)
+    loss = torch.sum(losses * mask)
+    if inject_nan:
+        loss = loss * float("nan")
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach().clone(), num_tokens.float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def _forward_step(inject_nan: bool, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+    )
+    return output, partial(_loss_func, batch["loss_mask"], inject_nan)
+
+
+def _reduce_losses(losses: list[dict]) -> tuple[float, float] | None:
+    """(loss sum, token count) over microbatches and data-parallel ranks; None off the last stage."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses:
+        total += item["lm loss"].detach().to("cpu", torch.float64)
+    total = total.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return float(total[0]), float(total[1])
+
+
+def _grads_finite(model) -> bool:
+    for chunk in model:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if not torch.isfinite(buffer.grad_data).all():
+                return False
+    return True
+
+
+def _agree(flags: list[float]) -> list[float]:
+    """Element-wise max over all ranks (any rank's True becomes everyone's)."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    t = torch.tensor(flags, dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+class Trainer:
+    def __init__(self, rt, train_ds, valid_ds, test_ds, reporter, signals, save_fn):
+        self.rt, self.args = rt, rt.args
+        self.train_ds, self.valid_ds, self.test_ds = train_ds, valid_ds, test_ds
+        self.reporter, self.signals, self.save_fn = reporter, signals, save_fn
+        self.forward_backward = get_forward_backward_func()
+        self.schedule_kwargs = pipeline_schedule_kwargs(
+            rt.config,
+            rt.kv,
+            seq_length=self.args.seq_length,
+            num_microbatches=self.args.num_microbatches,
+        )
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.inject_nan_iters = set(self.args.inject_nan_iters or ())
+
+    def _data(self, dataset, consumed: int):
+        its = microbatch_iterators(
+            dataset, consumed, len(self.rt.model), self.args, self.dp_rank, self.rt.device
+        )
+        return its[0] if len(its) == 1 else its
+
+    def _run_schedule(self, data, forward_only: bool, inject_nan: bool = False):
+        a = self.args
+        return self.forward_backward(
+            forward_step_func=partial(_forward_step, inject_nan),
+            data_iterator=data,
+            model=self.rt.model if len(self.rt.model) > 1 else self.rt.model[0],
+            num_microbatches=a.num_microbatches,
+            seq_length=a.seq_length,
+            micro_batch_size=a.micro_batch_size,
+            decoder_seq_length=a.seq_length,
+            forward_only=forward_only,
+            **self.schedule_kwargs,
+        )
+
+    def train_step(self, state: TrainState, data, time_up: bool):
+        """One global batch. Returns (loss or None, grad norm or None, skipped, stop flags)."""
+        rt = self.rt
+        for chunk in rt.model:
+            chunk.zero_grad_buffer()
+        rt.optimizer.zero_grad()
+        inject = (state.iteration + 1) in self.inject_nan_iters
+        losses = self._run_schedule(data, forward_only=False, inject_nan=inject)
+        reduced = _reduce_losses(losses)
+        loss = reduced[0] / max(reduced[1], 1.0) if reduced else None
+        bad_loss = loss is not None and not math.isfinite(loss)
+        # fp16: the dynamic loss scaler detects overflowing grads itself (and skips).
+        bad_grad = not self.args.fp16 and not _grads_finite(rt.model)
+        signal = self.signals.received is not None
+        bad_loss, bad_grad, signal, time_up = (
+            bool(x) for x in _agree([bad_loss, bad_grad, signal, time_up])
+        )
+        grad_norm, skipped = None, True
+        if not (bad_loss or bad_grad):
+            ok, grad_norm, _ = rt.optimizer.step()
+            if ok:
+                rt.scheduler.step(increment=1)
+                skipped = False
+        non_finite = bad_loss or bad_grad
+        return loss, grad_norm, skipped, non_finite, signal, time_up
+
+    def evaluate(self, dataset, name: str, iteration: int) -> float | None:
+        """Mean token loss over the first eval_iters global batches of `dataset`."""
+        a = self.args
+        if dataset is None or a.eval_iters == 0:
+            return None
+        for chunk in self.rt.model:
+            chunk.eval()
+        data = self._data(dataset, 0)
+        total_loss = total_tokens = 0.0
+        with torch.no_grad():
+            for _ in range(a.eval_iters):
+                reduced = _reduce_losses(self._run_schedule(data, forward_only=True))
+                if reduced:
+                    total_loss += reduced[0]
+                    total_tokens += reduced[1]
+        for chunk in self.rt.model:
+            chunk.train()
+        loss = total_loss / max(total_tokens, 1.0)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            self.reporter.log_eval(name, iteration, loss)
+        return loss
+
+    def train(self, state: TrainState) -> tuple[TrainState, str]:
+        """Train until train_iters or an exit condition. Returns the state and why it stopped."""
+        a, rt = self.args, self.rt
+        start_time = time.time()
+        data = self._data(self.train_ds, state.consumed_train_samples)
+        in_a_row = 0
+        for chunk in rt.model:
+            chunk.train()
+        while state.iteration < a.train_iters:
+            time_up = (
+                a.exit_duration_in_mins is not None
+                and (time.time() - start_time) / 60.0 > a.exit_duration_in_mins
+            )
+            loss, grad_norm, skipped, non_finite, signal, time_up = self.train_step(
+                state, data, time_up
+            )
+            state.iteration += 1
+            state.consumed_train_samples += a.global_batch_size
+            state.skipped_iters += int(skipped)
+            in_a_row = in_a_row + 1 if non_finite else 0
+            self.reporter.record(None if non_finite else loss, grad_norm)
+            if state.iteration % a.log_interval == 0:
+                stats = fusion_weight_stats(rt.model)
+                self.reporter.log(
+                    state.iteration,
+                    state.consumed_train_samples,
+                    rt.optimizer.param_groups[0]["lr"],
+                    state.skipped_iters,
+                    in_a_row,
+                    stats,
+                )
+            if in_a_row >= a.max_consecutive_skipped_iters:
+                raise TrainingDiverged(
+                    f"{in_a_row} iterations in a row (up to iteration {state.iteration}) had a "
+                    f"non-finite loss or gradient and were skipped "
+                    f"(--max-consecutive-skipped-iters {a.max_consecutive_skipped_iters}); the "
+                    "run diverged: lower --lr, raise --lr-warmup-iters, use --clip-grad, or "
+                    "resume from an earlier checkpoint"
+                )
+            if (
+                a.eval_interval
+                and state.iteration % a.eval_interval == 0
+                and state.iteration < a.train_iters
+            ):
+                self.evaluate(self.valid_ds, "validation", state.iteration)
+            periodic = a.save_interval and state.iteration % a.save_interval == 0
+            exit_iter = a.exit_interval and state.iteration % a.exit_interval == 0
+            reason = (
+                "signal"
+                if signal
+                else "time"
+                if time_up
+                else "exit-interval"
+                if exit_iter
+                else None
+            )
+            if a.save and (periodic or reason):
+                self.save_fn(state)
+            if reason:
+                return state, reason
+        return state, "done"

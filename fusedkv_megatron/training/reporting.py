@@ -1,0 +1,198 @@
+"""What the trainer reports: the progress line, TensorBoard scalars, fusion-weight statistics.
+
+Like Megatron-LM, the last rank prints and writes TensorBoard (it holds the loss under pipeline
+parallelism). TensorBoard tags: "lm loss", "learning-rate", "grad-norm", "tokens-per-sec",
+"iteration-time-ms", "consumed-samples", "skipped-iterations", "validation/lm loss",
+"validation/ppl", "test/..." and, per reconstruction layer L and fusion weight W,
+"fusion/layer_L/W/{mean,std,abs_mean,min,max}"; on GPU also "tflops-per-gpu", "mfu",
+"memory-allocated-gb" and "memory-max-allocated-gb".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import torch
+
+
+def log_rank() -> int:
+    return torch.distributed.get_world_size() - 1
+
+
+def is_log_rank() -> bool:
+    return torch.distributed.get_rank() == log_rank()
+
+
+def print_last(msg: str) -> None:
+    if is_log_rank():
+        print(msg, flush=True)
+
+
+def print_first(msg: str) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def fusion_weight_stats(model_chunks) -> dict[str, float]:
+    """Statistics of every fusion weight of every reconstruction layer, over all TP/PP ranks.
+
+    Collective over the world group (each rank contributes its shards once, from data-parallel
+    rank 0); returns the dict on the log rank, {} elsewhere.
+    """
+    from megatron.core import parallel_state
+
+    local: dict[str, list[float]] = {}
+    if parallel_state.get_data_parallel_rank() == 0:
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                plan = getattr(module, "plan", None)
+                if plan is None or not plan.is_reconstruction:
+                    continue
+                for name, w in module.named_parameters(recurse=False):
+                    if not name.startswith(("key_weight_", "value_weight_")):
+                        continue
+                    kind, i = name.split("_")[0], int(name.rsplit("_", 1)[1])
+                    terms = plan.key if kind == "key" else plan.value
+                    src = terms[i].source[0]
+                    key = f"fusion/layer_{plan.layer_number}/{kind}_from_layer_{src}"
+                    x = w.detach().float()
+                    local[key] = [
+                        x.sum().item(),
+                        (x * x).sum().item(),
+                        x.abs().sum().item(),
+                        x.min().item(),
+                        x.max().item(),
+                        float(x.numel()),
+                    ]
+    gathered = [None] * torch.distributed.get_world_size() if is_log_rank() else None
+    torch.distributed.gather_object(local, gathered, dst=log_rank())
+    if not is_log_rank():
+        return {}
+    merged: dict[str, list[float]] = {}
+    for part in gathered:
+        for key, (s, ss, a, lo, hi, n) in part.items():
+            m = merged.setdefault(key, [0.0, 0.0, 0.0, math.inf, -math.inf, 0.0])
+            m[0] += s
+            m[1] += ss
+            m[2] += a
+            m[3] = min(m[3], lo)
+            m[4] = max(m[4], hi)
+            m[5] += n
+    out = {}
+    for key, (s, ss, a, lo, hi, n) in sorted(merged.items()):
+        mean = s / n
+        out[f"{key}/mean"] = mean
+        out[f"{key}/std"] = math.sqrt(max(ss / n - mean * mean, 0.0))
+        out[f"{key}/abs_mean"] = a / n
+        out[f"{key}/min"] = lo
+        out[f"{key}/max"] = hi
+    return out
+
+
+class Reporter:
+    """Accumulates per-iteration numbers between log intervals; prints and writes TensorBoard."""
+
+    def __init__(self, args, flops_per_token: float, peak_tflops: float | None):
+        self.args = args
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.writer = None
+        if args.tensorboard_dir and is_log_rank():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=100)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = defaultdict(float)
+        self.counts = defaultdict(int)
+        self.interval_start = time.perf_counter()
+        self.iters = 0
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None and math.isfinite(value):
+            self.writer.add_scalar(tag, value, step)
+
+    def record(self, loss: float | None, grad_norm: float | None) -> None:
+        self.iters += 1
+        if loss is not None and math.isfinite(loss):
+            self.sums["loss"] += loss
+            self.counts["loss"] += 1
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self.sums["grad_norm"] += grad_norm
+            self.counts["grad_norm"] += 1
+
+    def _mean(self, key: str) -> float | None:
+        return self.sums[key] / self.counts[key] if self.counts[key] else None
+
+    def log(
+        self,
+        iteration: int,
+        consumed: int,
+        lr: float,
+        skipped_total: int,
+        nan_in_row: int,
+        fusion_stats: dict[str, float],
+    ) -> None:
+        """The progress line and TensorBoard scalars of the interval that ends at `iteration`."""
+        a = self.args
+        elapsed = time.perf_counter() - self.interval_start
+        ms = 1000.0 * elapsed / max(self.iters, 1)
+        tokens_per_s = self.iters * a.global_batch_size * a.seq_length / max(elapsed, 1e-9)
+        loss, gnorm = self._mean("loss"), self._mean("grad_norm")
+        fields = [
+            f"iteration {iteration:8d}/{a.train_iters:8d}",
+            f"consumed samples: {consumed:12d}",
+            f"elapsed time per iteration (ms): {ms:.1f}",
+            f"learning rate: {lr:.6E}",
+            f"lm loss: {loss:.6E}" if loss is not None else "lm loss: nan",
+            f"grad norm: {gnorm:.3f}" if gnorm is not None else "grad norm: nan",
+            f"tokens/s: {tokens_per_s:.0f}",
+        ]
+        scalars = {
+            "lm loss": loss,
+            "learning-rate": lr,
+            "grad-norm": gnorm,
+            "tokens-per-sec": tokens_per_s,
+            "iteration-time-ms": ms,
+            "consumed-samples": consumed,
+            "skipped-iterations": skipped_total,
+        }
+        if torch.cuda.is_available():
+            world = torch.distributed.get_world_size()
+            tflops = tokens_per_s * self.flops_per_token / world / 1e12
+            fields.append(f"TFLOP/s/GPU: {tflops:.1f}")
+            scalars["tflops-per-gpu"] = tflops
+            if self.peak_tflops:
+                fields.append(f"MFU: {100 * tflops / self.peak_tflops:.1f}%")
+                scalars["mfu"] = tflops / self.peak_tflops
+            alloc = torch.cuda.memory_allocated() / 2**30
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            fields.append(f"memory (GB): {alloc:.1f} allocated, {peak:.1f} max")
+            scalars["memory-allocated-gb"] = alloc
+            scalars["memory-max-allocated-gb"] = peak
+        fields.append(f"skipped iterations: {skipped_total}")
+        if nan_in_row:
+            fields.append(f"non-finite in a row: {nan_in_row}")
+        print_last(" " + " | ".join(fields) + " |")
+        for tag, value in {**scalars, **fusion_stats}.items():
+            self.scalar(tag, value, iteration)
+        if self.writer is not None:
+            self.writer.flush()
+        self._reset()
+
+    def log_eval(self, name: str, iteration: int, loss: float) -> None:
+        ppl = math.exp(min(loss, 30.0))
+        line = f" {name} loss at iteration {iteration} | lm loss: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
+        bar = "-" * len(line)
+        print_last(f"{bar}\n{line}\n{bar}")
+        self.scalar(f"{name}/lm loss", loss, iteration)
+        self.scalar(f"{name}/ppl", ppl, iteration)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
