@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .config import KVSharingConfig
 from .fusion import LayerPlan, Source, expand_key_weight, fuse, init_fusion_weight
+from .pipeline import SourcePayload
 
 _UNSUPPORTED = ("inference_context", "inference_params", "rotary_pos_cos", "rotary_pos_sin")
 
@@ -214,13 +215,26 @@ class KVSharingTransformerLayer(TransformerLayer):
 
     def __init__(
         self, config, submodules, layer_number: int = 1, *, in_sources=(), out_sources=(),
-        **kwargs,
+        unpack_input: bool = False, pack_output: bool = False, **kwargs,
     ):
         super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         self.in_sources: tuple[Source, ...] = tuple(in_sources)
         self.out_sources: tuple[Source, ...] = tuple(out_sources)
         if config.fine_grained_activation_offloading or config.cpu_offloading:
             raise NotImplementedError("activation offloading is not supported with KV sharing")
+        # First/last layer of a pipeline stage: the sources cross the boundary folded onto the
+        # hidden state (pipeline.py); inside a stage they travel in `context`.
+        payload = SourcePayload.for_config
+        self.pipeline_input = payload(config, self.in_sources) if unpack_input else None
+        self.pipeline_output = payload(config, self.out_sources) if pack_output else None
+
+    def forward(self, hidden_states=None, **kwargs):
+        if self.pipeline_input is not None:
+            hidden_states, kwargs["context"] = self.pipeline_input.unpack(hidden_states)
+        hidden_states, context = super().forward(hidden_states=hidden_states, **kwargs)
+        if self.pipeline_output is not None:
+            hidden_states, context = self.pipeline_output.pack(hidden_states, context), None
+        return hidden_states, context
 
     def _forward_attention(
         self, hidden_states, attention_mask=None, context=None, context_mask=None,

@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .config import KVSharingConfig
+from .pipeline import prepare_pipeline_config
 from .spec import get_fusedkv_decoder_block_spec
 
 
@@ -77,6 +78,8 @@ def build_model(
     # Top layers differ in shape from bottom layers, so checkpoints need per-layer keys
     # ("decoder.layers.<global index>.…") rather than keys stacked over layers.
     config.hetereogenous_dist_checkpoint = True
+    # Pipeline stages: check the layout, set the p2p fields the schedules need (pipeline.py).
+    prepare_pipeline_config(config, kv_sharing)
     spec = get_fusedkv_decoder_block_spec(
         config, kv_sharing, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage,
     )

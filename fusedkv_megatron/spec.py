@@ -37,6 +37,7 @@ from .attention import (
 )
 from .config import KVSharingConfig
 from .fusion import LayerPlan, layer_plans, live_sources
+from .pipeline import mark_stage_edges
 
 
 @functools.cache
@@ -189,7 +190,7 @@ def get_fusedkv_decoder_block_spec(
 ) -> TransformerBlockSubmodules:
     """The block spec of this pipeline stage for any KV-sharing variant (vanilla included)."""
     specs = get_fusedkv_decoder_layer_specs(config, kv_sharing, use_transformer_engine)
-    local = [specs[i] for i in local_layer_range(config, vp_stage, pp_rank)]
+    local = mark_stage_edges([specs[i] for i in local_layer_range(config, vp_stage, pp_rank)])
     backend = get_backend(use_transformer_engine)
     final_norm, _ = _norms(backend, config)
     return TransformerBlockSubmodules(layer_specs=local, layer_norm=final_norm)
