@@ -21,10 +21,15 @@ from megatron.core.transformer.attention import Attention, SelfAttention, SelfAt
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 from torch import Tensor
 
 from .config import KVSharingConfig
 from .fusion import LayerPlan, Source, expand_key_weight, fuse, init_fusion_weight
+from .kernels import fused_attention_applies, reconstruction_attention
 from .pipeline import SourcePayload
 
 _UNSUPPORTED = ("inference_context", "inference_params", "rotary_pos_cos", "rotary_pos_sin")
@@ -108,12 +113,18 @@ class ReconstructionAttentionSubmodules:
 
 
 class ReconstructionAttention(_AttendMixin, Attention):
-    """A top layer: Q-only projection; K and V are fused from earlier layers' sources."""
+    """A top layer: Q-only projection; K and V are fused from earlier layers' sources.
+
+    `attention_backend` (auto|triton|torch, default: env FUSEDKV_ATTENTION_BACKEND, else auto)
+    picks the Triton kernel that fuses K/V on chip (auto: on CUDA) or the materializing path
+    (fused K/V + the spec's core attention); see fusedkv_megatron/kernels.
+    """
 
     def __init__(
         self, config, submodules: ReconstructionAttentionSubmodules, layer_number: int,
         plan: LayerPlan, kv_sharing: KVSharingConfig,
-        attn_mask_type: AttnMaskType = AttnMaskType.causal, pg_collection=None, **kwargs,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal, pg_collection=None,
+        attention_backend: str | None = None, **kwargs,
     ):
         super().__init__(
             config=config, submodules=submodules, layer_number=layer_number,
@@ -121,6 +132,7 @@ class ReconstructionAttention(_AttendMixin, Attention):
             **kwargs,
         )
         self.plan = plan
+        self.attention_backend = attention_backend
         self.linear_q = build_module(
             submodules.linear_q, config.hidden_size, self.query_projection_size, config=config,
             init_method=config.init_method, gather_output=False,
@@ -161,6 +173,22 @@ class ReconstructionAttention(_AttendMixin, Attention):
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 init_fusion_weight(w, kv, term, self.plan)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Per-head fusion weights are split over TP ranks by KV head (dim 0): checkpoint them as
+        TP-sharded so that they save completely and reshard to any TP size. (Megatron's default
+        treats a module's own parameters as replicated: only TP rank 0's heads would be saved.)"""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.weights_per_head:
+            own = dict(self.named_parameters(recurse=False))
+            metadata = ensure_metadata_has_dp_cp_group(metadata)
+            state.update(
+                make_sharded_tensors_for_checkpoint(
+                    own, prefix, dict.fromkeys(own, 0), sharded_offsets,
+                    tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+                )
+            )
+        return state
+
     def fusion_weight(self, kind: str, i: int) -> Tensor | None:
         """The full-width weight of term i of "key"/"value", or None for an unweighted term."""
         w = getattr(self, f"{kind}_weight_{i}", None)
@@ -182,15 +210,34 @@ class ReconstructionAttention(_AttendMixin, Attention):
         )
         return key, value
 
-    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, **kwargs):
-        """Query from the Q-only projection (q-normed, not yet rotated); key and value fused
-        from `key_value_states`, the dict of sources."""
+    def get_query(self, hidden_states: Tensor) -> Tensor:
+        """The query from the Q-only projection, q-normed, not yet rotated."""
         query, _ = self.linear_q(hidden_states)
         query = query.view(*query.shape[:2], -1, self.hidden_size_per_attention_head)
         if self.q_layernorm is not None:
             query = self.q_layernorm(query)
+        return query
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, **kwargs):
+        """Query as `get_query`; key and value fused from `key_value_states`, the dict of
+        sources."""
+        query = self.get_query(hidden_states)
         key, value = self.reconstruct(key_value_states)
         return query, key, value
+
+    def _fused_attention(self, query: Tensor, sources: dict[Source, Tensor]):
+        """The Triton path: K/V are fused tile by tile inside attention and never stored; the
+        kernel's backward recomputes the scores, so selective recompute has nothing to save."""
+        out = reconstruction_attention(
+            query,
+            [sources[t.source] for t in self.plan.key],
+            [self.fusion_weight("key", i) for i in range(len(self.plan.key))],
+            [sources[t.source] for t in self.plan.value],
+            [self.fusion_weight("value", i) for i in range(len(self.plan.value))],
+            softmax_scale=self.config.softmax_scale,
+            backend="triton",
+        )
+        return self.linear_proj(out.flatten(2))
 
     def forward(
         self, hidden_states, attention_mask, sources=None, rotary_pos_emb=None,
@@ -203,8 +250,11 @@ class ReconstructionAttention(_AttendMixin, Attention):
                 f"layer {self.layer_number} needs sources {missing} that did not reach it; "
                 "build the model with fusedkv_megatron.build_model / the FusedKV block spec"
             )
-        query, key, value = self.get_query_key_value_tensors(hidden_states, sources)
         q_emb, _ = _split_rope(rotary_pos_emb)
+        if fused_attention_applies(self, hidden_states, self.attention_backend):
+            query = self._rotate(self.get_query(hidden_states), q_emb)
+            return self._fused_attention(query, sources), {}
+        query, key, value = self.get_query_key_value_tensors(hidden_states, sources)
         query = self._rotate(query, q_emb)  # the fused key is already rotated: never again
         out = self._attend(query, key, value, attention_mask, attention_bias, packed_seq_params)
         return out, {}

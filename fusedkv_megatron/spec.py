@@ -37,6 +37,7 @@ from .attention import (
 )
 from .config import KVSharingConfig
 from .fusion import LayerPlan, layer_plans, live_sources
+from .kernels.core_attention import SDPAAttention
 from .pipeline import mark_stage_edges
 
 
@@ -79,6 +80,14 @@ def get_backend(use_transformer_engine: bool | None = None) -> BackendSpecProvid
     return LocalSpecProvider()
 
 
+def _core_attention(backend: BackendSpecProvider):
+    """TE's fused attention; on the local backend torch SDPA (flash on CUDA) instead of
+    Megatron's DotProductAttention, which materializes the full score matrix."""
+    if isinstance(backend, LocalSpecProvider):
+        return SDPAAttention
+    return backend.core_attention()
+
+
 def _norms(backend: BackendSpecProvider, config: TransformerConfig):
     if isinstance(backend, LocalSpecProvider):
         return TorchNorm, functools.partial(TorchNorm, for_qk=True)
@@ -112,7 +121,7 @@ def _layer_spec(
             params={"attn_mask_type": AttnMaskType.causal, "plan": plan, "kv_sharing": kv},
             submodules=ReconstructionAttentionSubmodules(
                 linear_q=qkv_linear,
-                core_attention=backend.core_attention(),
+                core_attention=_core_attention(backend),
                 linear_proj=backend.row_parallel_linear(),
                 q_layernorm=q_norm,
             ),
@@ -124,7 +133,7 @@ def _layer_spec(
             | ({"plan": plan} if kv.shares_kv else {}),
             submodules=SelfAttentionSubmodules(
                 linear_qkv=qkv_linear,
-                core_attention=backend.core_attention(),
+                core_attention=_core_attention(backend),
                 linear_proj=backend.row_parallel_linear(),
                 q_layernorm=q_norm,
                 k_layernorm=q_norm,
