@@ -148,6 +148,10 @@ def run(args) -> int:
         rt.tokenizer,
         mock=a.mock_data,
         data_cache_path=a.data_cache_path,
+        train_data_path=a.train_data_path,
+        valid_data_path=a.valid_data_path,
+        test_data_path=a.test_data_path,
+        create_attention_mask=False,  # the attention builds its causal mask itself
     )
 
     shape = ModelShape.from_args(a, rt.padded_vocab_size)
@@ -196,12 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import PipelineConfigError
     from .training.arguments import ArgumentError, parse_args, validate_args
     from .training.checkpoint_format import CheckpointFormatError
+    from .training.data import DataError
     from .training.initialize import init_distributed
     from .training.loop import TrainingDiverged
     from .training.tokenizer import TokenizerError
 
     args = parse_args(argv)
     code = 0
+    owns_group = not torch.distributed.is_initialized()  # a caller's group is left alone
     try:
         init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
         validate_args(args, torch.distributed.get_world_size(), torch.cuda.is_available())
@@ -212,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         PipelineConfigError,
         CheckpointFormatError,
         TokenizerError,
+        DataError,
         FileNotFoundError,
     ) as e:
         _error(e)
@@ -220,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(e)
         code = 3
     finally:
-        if torch.distributed.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return code
 

@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prefix of .bin/.idx, or a weighted blend: 0.7 A 0.3 B",
     )
+    for which in ("train", "valid", "test"):
+        g.add_argument(
+            f"--{which}-data-path",
+            nargs="+",
+            default=None,
+            help=f"the {which} split's own prefix(es)/blend (instead of --data-path + --split)",
+        )
     g.add_argument("--split", type=str, default="969,30,1")
     g.add_argument("--data-cache-path", type=str, default=None)
     _bool(g, "--mock-data", "train on generated tokens (no dataset needed)")
@@ -373,14 +380,20 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
             "(uniform|block) and --recompute-num-layers"
         )
 
-    if args.save_interval is not None and args.save is None:
-        raise ArgumentError("--save-interval is set but --save DIR is not")
     if args.skip_train and args.load is None:
         raise ArgumentError("--skip-train evaluates a checkpoint: it needs --load DIR")
 
-    if args.mock_data and args.data_path:
-        raise ArgumentError("--mock-data and --data-path are both set; choose one")
-    if not args.mock_data and not args.data_path:
+    per_split = args.train_data_path or args.valid_data_path or args.test_data_path
+    if args.mock_data and (args.data_path or per_split):
+        raise ArgumentError("--mock-data and a data path are both set; choose one")
+    if args.data_path and per_split:
+        raise ArgumentError(
+            "--data-path (cut by --split) and --train/valid/test-data-path are both set; "
+            "choose one way to give the data"
+        )
+    if per_split and not args.train_data_path and not args.skip_train:
+        raise ArgumentError("--valid/test-data-path without --train-data-path: no training data")
+    if not args.mock_data and not args.data_path and not per_split:
         raise ArgumentError(
             "no data: pass --data-path PREFIX (see tools/preprocess_data.py) "
             "or --mock-data for generated tokens"
