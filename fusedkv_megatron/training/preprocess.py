@@ -241,7 +241,7 @@ def _encode_batch(batch: list[tuple[str, str, str, int]]) -> list[tuple[int, dic
         ids = {}
         for key, text in _texts_of(fmt, where, raw, _worker["json_keys"]).items():
             tokens = tokenizer.tokenize(text)
-            if _worker["append_eod"]:
+            if tokens and _worker["append_eod"]:  # an empty document stays empty (skipped)
                 tokens.append(tokenizer.eod)
             ids[key] = tokens
         out.append((nbytes, ids))
@@ -259,6 +259,15 @@ def _batches(records: Iterator, max_chars: int = 1 << 18) -> Iterator[list]:
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def _progress_bar_class():
+    from tqdm import tqdm
+
+    class ProgressBar(tqdm):
+        monitor_interval = 0  # no monitor thread: a later fork() must not inherit one
+
+    return ProgressBar
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
@@ -286,7 +295,6 @@ def preprocess_data(
     dataset that looks complete.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
 
     if workers < 1:
         raise PreprocessError(f"--workers {workers} must be >= 1")
@@ -306,29 +314,29 @@ def preprocess_data(
     total = None
     if not any(p.endswith(".gz") for p in inputs) and all(os.path.isfile(p) for p in inputs):
         total = sum(os.path.getsize(p) for p in inputs)
-    bar = tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc="tokenizing",
-        disable=not progress,
-        file=sys.stderr,
-        mininterval=0.5,
-    )
     t0 = time.time()
     batches = _batches(iter_records(inputs, input_format, text_document))
-    pool = None
+    pool = bar = None
     try:
         if workers == 1:
             _init_worker(tokenizer_args, json_keys, append_eod)
             results = map(_encode_batch, batches)
         else:
-            # fork: workers inherit the imported modules instead of re-importing Megatron.
+            # fork: workers inherit the imported modules instead of re-importing Megatron (s).
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = multiprocessing.get_context(method).Pool(
                 workers, initializer=_init_worker, initargs=(tokenizer_args, json_keys, append_eod)
             )
             results = pool.imap(_encode_batch, batches)
+        bar = _progress_bar_class()(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="tokenizing",
+            disable=not progress,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
         for batch in results:
             for nbytes, ids in batch:
                 for key, tokens in ids.items():
@@ -345,7 +353,8 @@ def preprocess_data(
             _remove(prefixes[key] + ".bin.tmp")
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
