@@ -345,6 +345,21 @@ class BoundaryBytes:
     def total_bytes(self) -> int:
         return self.hidden_bytes + self.source_bytes
 
+    def describe(self) -> str:
+        """One log line, e.g. 'after layer 14 (pp 1 -> pp 2): hidden 32.0 MiB + 4 sources
+        (K1 V1 K14 V14) 64.0 MiB'."""
+
+        def where(c: Chunk) -> str:
+            return f"pp {c.pp_rank}" + ("" if c.vp_stage is None else f" vp {c.vp_stage}")
+
+        names = " ".join(f"{kind.upper()}{layer}" for layer, kind in self.sources)
+        mib = 1 << 20
+        return (
+            f"after layer {self.after_layer} ({where(self.sender)} -> {where(self.receiver)}): "
+            f"hidden {self.hidden_bytes / mib:.1f} MiB + {len(self.sources)} sources"
+            f"{f' ({names})' if names else ''} {self.source_bytes / mib:.1f} MiB"
+        )
+
 
 def boundary_bytes(
     config: TransformerConfig,

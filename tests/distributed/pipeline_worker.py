@@ -21,9 +21,6 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-
-import fusedkv_megatron as F  # noqa: I001  (applies the CPU patches before Megatron is used)
-from fusedkv_megatron.pipeline import boundary_bytes, pipeline_schedule_kwargs
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import (
@@ -31,6 +28,9 @@ from megatron.core.distributed.finalize_model_grads import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+import fusedkv_megatron as F  # noqa: I001  (applies the CPU patches before Megatron is used)
+from fusedkv_megatron.pipeline import boundary_bytes, pipeline_schedule_kwargs
 
 HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN, VOCAB = 16, 4, 2, 8, 32, 64
 SEQ, MBS, MICROBATCHES = 8, 2, 4
@@ -56,7 +56,9 @@ def make_config(case: dict, parallel: bool):
             num_layers_in_last_pipeline_stage=case.get("last"),
             deallocate_pipeline_outputs=True,
         )
-        if case.get("recompute"):
+        if case.get("recompute") == "selective":
+            fields.update(recompute_granularity="selective")  # core attention
+        elif case.get("recompute"):
             fields.update(
                 recompute_granularity="full",
                 recompute_method=case["recompute"],
@@ -222,7 +224,9 @@ def run_case(case: dict, ref: dict) -> dict:
         nbytes = esize * int(torch.tensor(shape).prod())
         if nbytes != expected[key]:
             errors.append(f"chunk {key} sent {shape} = {nbytes} B, boundary_bytes {expected[key]}")
-    return dict(errors=errors, checked=checked, worst=worst, sent={str(k): v for k, v in sent.items()})
+    return dict(
+        errors=errors, checked=checked, worst=worst, sent={str(k): v for k, v in sent.items()}
+    )
 
 
 def layout_key(case: dict) -> tuple:

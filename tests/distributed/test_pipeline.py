@@ -1,8 +1,8 @@
 """Pipeline parallelism with source-KV routing gives the same loss and the same gradient for
 every parameter as PP=1, for every variant: 1F1B at PP=2 and PP=4, TP=2 x PP=2 with sequence
 parallelism, interleaved (VPP=2) at PP=2 and PP=4, uneven first/last stages, source layers at
-stage boundaries and inside stages, full activation recompute. Each stage also sends exactly the
-bytes `boundary_bytes` reports.
+stage boundaries and inside stages, full and selective activation recompute. Each stage also
+sends exactly the bytes `boundary_bytes` reports.
 
 Model: 8 layers, hidden 16, 4 heads (2 KV heads, head dim 8), fp32, 4 microbatches of 2 x 8
 tokens. Tolerance: per tensor, max |diff| <= 1e-5 * max |reference| (PP alone is bit-exact).
@@ -43,6 +43,7 @@ TWO_PROCESSES = [
     case("pp2-first3-recompute", "cla", 2, first=3, recompute="uniform"),
     case("pp2-vpp2-recompute", "fusedkv", 2, vpp=2, recompute="block"),
     case("pp2-vpp2-recompute", "fusedkv_lite", 2, vpp=2, recompute="uniform"),
+    case("pp2-first3-selective-recompute", "fusedkv", 2, first=3, recompute="selective"),
 ]
 FOUR_PROCESSES = [
     *[case("pp4", v, 4) for v in VARIANTS],
@@ -58,8 +59,9 @@ FOUR_PROCESSES = [
 ]
 # Negative control: Megatron's default p2p settings under VPP at PP=2 (which build_model
 # replaces) really do corrupt gradients, so the interleaved cases above guard the fix.
-CONTROL = dict(case("pp2-vpp2-upstream-p2p-defaults", "vanilla", 2, vpp=2),
-               upstream_p2p_defaults=True)
+CONTROL = dict(
+    case("pp2-vpp2-upstream-p2p-defaults", "vanilla", 2, vpp=2), upstream_p2p_defaults=True
+)
 
 
 def _launch(tmp_path_factory, nproc: int, cases: list[dict]) -> dict:
