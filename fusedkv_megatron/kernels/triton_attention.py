@@ -547,6 +547,7 @@ def fused_reconstruction_attention(
 ) -> Tensor:
     """Causal attention of q `[s, b, hq, d]` over the fused sources, without materializing K
     or V. Same contract as `reference.reconstruction_attention_reference`."""
+    check_sources(q, k_sources, v_sources)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     k1, k2 = _pad2(k_sources)
     v1, v2 = _pad2(v_sources)

@@ -1,0 +1,258 @@
+"""The Triton kernels compute what the PyTorch references compute (SPEC.md sections 1 and 5).
+
+On CPU through Triton's interpreter, in fp32 at small shapes (bf16 `tl.dot` is not exact in
+the interpreter): sequence lengths that are and are not multiples of the blocks (the
+interpreter uses 16/32 blocks), GQA ratios 1, 2 and 4, one or two sources with per-head,
+shared or no weights, causal. Tolerance: rtol = atol = 1e-4 for the output and every gradient
+(observed errors are ~5e-6 on values of order 10; a wrong mask or weight gradient is off by
+O(1)). The GPU versions at realistic sizes in bf16 are in tests/gpu.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedkv_megatron import kernels
+from fusedkv_megatron.kernels.reference import (
+    reconstruction_attention_reference,
+    reconstruction_decode_reference,
+)
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cases() -> dict[str, Callable[[], None]]:
+    """Every check that runs Triton kernels, by name (run in the interpreter worker)."""
+    from tests.unit import test_kernels_megatron as tkm
+
+    cases = {f"train/{c}": functools.partial(check_training, c) for c in TRAIN_CASES}
+    cases["train/custom-scale"] = check_custom_scale
+    cases["train/rejects-unsupported"] = check_rejects_unsupported
+    cases |= {f"decode/{c}": functools.partial(check_decode, c) for c in DECODE_CASES}
+    cases |= {f"model/{c}": functools.partial(tkm.check_model, c) for c in tkm.MODEL_CASES}
+    return cases
+
+
+def _worker() -> None:
+    """Run every case under TRITON_INTERPRET=1 and print {name: None | traceback} as JSON on
+    the last line. Triton decides interpreter vs compiler when it and a kernel are imported,
+    so this must be a fresh process with the variable set before anything imports triton."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for name, fn in _cases().items():
+        start = time.perf_counter()
+        try:
+            fn()
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+        print(f"{name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    print(json.dumps(results))
+
+
+@functools.cache
+def _run_worker() -> dict[str, str | None]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop(kernels.BACKEND_ENV, None)
+    code = "from tests.unit.test_kernels import _worker; _worker()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
+    sys.stderr.write(proc.stderr[-3000:])  # per-case timings, shown by pytest on failure
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def interpreter_results() -> dict[str, str | None]:
+    """The worker's results: it runs once per pytest process, in a subprocess."""
+    return _run_worker()
+
+
+def interpreted(results: dict[str, str | None], name: str) -> None:
+    """Fail with the worker's traceback if case `name` failed there."""
+    assert name in results, f"case {name} did not run in the interpreter worker"
+    if results[name] is not None:
+        pytest.fail(f"{name} failed under TRITON_INTERPRET=1:\n{results[name]}", pytrace=False)
+
+
+def _weight(kind: str, hk: int, d: int, g: torch.Generator) -> torch.Tensor | None:
+    """'w': one vector per KV head, 's': one shared vector, '-': unweighted."""
+    if kind == "-":
+        return None
+    w = torch.randn(hk if kind == "w" else 1, d, generator=g)
+    return w.requires_grad_(True)
+
+
+def _inputs(s, b, hq, hk, d, k_terms, v_terms, seed=0, strided=False):
+    """q `[s, b, hq, d]`, sources `[s, b, hk, d]` and weights, all requiring grad. `strided`:
+    q a transposed view and sources slices of a wider tensor (not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def src():
+        if strided:
+            return torch.randn(s, b, 2 * hk, d, generator=g)[:, :, hk:].requires_grad_(True)
+        return torch.randn(s, b, hk, d, generator=g).requires_grad_(True)
+
+    if strided:
+        q = torch.randn(b, s, hq, d, generator=g).transpose(0, 1).requires_grad_(True)
+    else:
+        q = torch.randn(s, b, hq, d, generator=g).requires_grad_(True)
+    ks = [src() for _ in k_terms]
+    vs = [src() for _ in v_terms]
+    kw = [_weight(t, hk, d, g) for t in k_terms]
+    vw = [_weight(t, hk, d, g) for t in v_terms]
+    return q, ks, kw, vs, vw
+
+
+# (s, b, hq, hkv, head_dim, key terms, value terms, strided)
+TRAIN_CASES = {
+    "fusedkv-s37-gqa2": (37, 2, 4, 2, 16, "ww", "ww", False),
+    "fusedkv-shared-s64-gqa4": (64, 1, 4, 1, 32, "ss", "ss", False),
+    "lite-s50-mha-d64-strided": (50, 1, 2, 2, 64, "-", "-", True),
+    "lite_learnable-s17-gqa2": (17, 2, 6, 3, 16, "w", "w", False),
+    "yoco-s33-gqa4": (33, 1, 8, 2, 16, "-", "-", False),
+    "mixed-s5": (5, 2, 2, 1, 16, "w-", "s", False),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_fused_attention_matches_reference(interpreter_results, case):
+    """Forward output and the gradients of q, every source and every weight equal the
+    reference (materialize K/V, then causal SDPA)."""
+    interpreted(interpreter_results, f"train/{case}")
+
+
+def check_training(case: str) -> None:
+    s, b, hq, hk, d, k_terms, v_terms, strided = TRAIN_CASES[case]
+    q, ks, kw, vs, vw = _inputs(s, b, hq, hk, d, k_terms, v_terms, strided=strided)
+    out = kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
+    ref = reconstruction_attention_reference(q, ks, kw, vs, vw)
+    torch.testing.assert_close(out, ref, **TOL)
+
+    leaves = [q, *ks, *vs, *[w for w in kw + vw if w is not None]]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, leaves, grad_out)
+    want = torch.autograd.grad(ref, leaves, grad_out)
+    names = ["q"] + [f"K{i}" for i in range(len(ks))] + [f"V{i}" for i in range(len(vs))]
+    names += [f"w{i}" for i in range(len(leaves) - len(names))]
+    for name, a, e in zip(names, got, want, strict=True):
+        assert a.shape == e.shape, name
+        torch.testing.assert_close(a, e, **TOL, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_fused_attention_custom_scale(interpreter_results):
+    interpreted(interpreter_results, "train/custom-scale")
+
+
+def check_custom_scale() -> None:
+    q, ks, kw, vs, vw = _inputs(20, 1, 2, 1, 16, "w", "-")
+    out = kernels.reconstruction_attention(q, ks, kw, vs, vw, softmax_scale=0.3, backend="triton")
+    ref = reconstruction_attention_reference(q, ks, kw, vs, vw, softmax_scale=0.3)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def _decode_inputs(b, t, hq, hk, d, S, k_terms, v_terms, hf_layout, seed=0):
+    """q `[b, t, hq, d]`, caches `[b, S, hk, d]` (as transposed `[b, hk, S, d]` views when
+    `hf_layout`)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def cache():
+        if hf_layout:
+            return torch.randn(b, hk, S, d, generator=g).transpose(1, 2)
+        return torch.randn(b, S, hk, d, generator=g)
+
+    q = torch.randn(b, t, hq, d, generator=g)
+    ks, vs = [cache() for _ in k_terms], [cache() for _ in v_terms]
+    kw = [_weight(x, hk, d, g) for x in k_terms]
+    vw = [_weight(x, hk, d, g) for x in v_terms]
+    return q, ks, kw, vs, vw
+
+
+# (b, t, hq, hkv, head_dim, S, splits, key terms, value terms, causal, hf_layout)
+DECODE_CASES = {
+    "fusedkv-t1-S70-3splits": (2, 1, 4, 2, 16, 70, 3, "ww", "ww", True, False),
+    # S=33 in 16-blocks: the last split holds position 32 only, which 3 of the 4 queries
+    # may not see (an empty partial that the combine must ignore).
+    "lite_learnable-t4-S33-hf": (1, 4, 8, 2, 16, 33, 3, "w", "w", True, True),
+    "yoco-t3-S50-gqa4-d32": (1, 3, 4, 1, 32, 50, 1, "-", "-", True, False),
+    "shared-t2-noncausal-d64": (2, 2, 2, 2, 64, 40, 2, "ss", "-", False, False),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_matches_reference(interpreter_results, case):
+    """Flash-decoding (split over the sequence, then combined) equals the reference."""
+    interpreted(interpreter_results, f"decode/{case}")
+
+
+def check_decode(case: str) -> None:
+    b, t, hq, hk, d, S, splits, k_terms, v_terms, causal, hf = DECODE_CASES[case]
+    q, ks, kw, vs, vw = _decode_inputs(b, t, hq, hk, d, S, k_terms, v_terms, hf)
+    with torch.no_grad():
+        out = kernels.reconstruction_decode(
+            q, ks, kw, vs, vw, causal=causal, num_splits=splits, backend="triton"
+        )
+        ref = reconstruction_decode_reference(q, ks, kw, vs, vw, causal=causal)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_decode_last_row_equals_training_attention():
+    """The decode reference with t = S is causal attention (the two references agree)."""
+    q, ks, kw, vs, vw = _decode_inputs(2, 9, 4, 2, 16, 9, "ww", "w", False)
+    with torch.no_grad():
+        dec = reconstruction_decode_reference(q, ks, kw, vs, vw)
+        sb = [x.transpose(0, 1) for x in (q, *ks, *vs)]
+        train = reconstruction_attention_reference(sb[0], sb[1:3], kw, sb[3:], vw)
+    torch.testing.assert_close(dec, train.transpose(0, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_backend_choice(monkeypatch):
+    """auto: Triton only on CUDA; torch: never; triton where it cannot run: a clear error."""
+    x = torch.zeros(1)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(kernels.BACKEND_ENV, "auto")
+    assert not kernels.use_triton(x)
+    assert not kernels.use_triton(x, "torch")
+    with pytest.raises(RuntimeError, match="cannot run on cpu"):
+        kernels.use_triton(x, "triton")
+    monkeypatch.setenv(kernels.BACKEND_ENV, "TRITON")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.use_triton(x)
+    monkeypatch.setenv(kernels.BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match="auto, triton or torch|not one of"):
+        kernels.use_triton(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.use_triton(x, "triton")
+    assert not kernels.use_triton(x, "auto")  # the interpreter is for tests only
+
+
+def test_kernel_rejects_unsupported_shapes(interpreter_results):
+    interpreted(interpreter_results, "train/rejects-unsupported")
+
+
+def check_rejects_unsupported() -> None:
+    q, ks, kw, vs, vw = _inputs(8, 1, 3, 2, 16, "w", "w")
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
+    q, ks, kw, vs, vw = _inputs(8, 1, 2, 1, 16, "www", "w")
+    with pytest.raises(ValueError, match="1 or 2 key and value sources"):
+        kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
+    q, ks, kw, vs, vw = _inputs(8, 1, 2, 1, 24, "w", "w")
+    with pytest.raises(ValueError, match="head_dim=24"):
+        kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
