@@ -21,6 +21,11 @@ from fusedkv_megatron.training.preprocess import (
 )
 from fusedkv_megatron.training.tokenizer import build_tokenizer
 
+# Other tests in this process may have started gloo's threads (a process group); the forked
+# tokenizer workers only run Python and sentencepiece, so fork's thread warning does not apply.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCS = [
     "First document.\nIt has two lines.",
