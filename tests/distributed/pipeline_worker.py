@@ -22,7 +22,11 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.distributed.finalize_model_grads import (
     _allreduce_non_tensor_model_parallel_grads,
 )
@@ -101,15 +105,20 @@ def forward_step(data_iterator, model):
     return out, loss_func
 
 
+def tied(case: dict) -> dict:
+    return dict(share_embeddings_and_output_weights=bool(case.get("tied")))
+
+
 def reference_key(case: dict) -> str:
-    return json.dumps([case["variant"], case["layers"], case.get("sources"), case.get("per_head")])
+    keys = ("variant", "layers", "sources", "per_head", "tied")
+    return json.dumps([case.get(k) for k in keys])
 
 
 def run_reference(case: dict) -> dict:
     """PP=1, TP=1: losses per microbatch and every parameter and gradient by name."""
     torch.manual_seed(1234)
     config = make_config(case, parallel=False)
-    model = F.build_model(config, make_kv(case), VOCAB, SEQ)
+    model = F.build_model(config, make_kv(case), VOCAB, SEQ, **tied(case))
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(batches()),
@@ -126,7 +135,10 @@ def run_reference(case: dict) -> dict:
 
 
 def global_name(chunk, name: str) -> str:
-    """decoder.layers.<local>.… -> decoder.layers.<global>.…"""
+    """decoder.layers.<local>.… -> decoder.layers.<global>.…; a tied output layer is the
+    embedding."""
+    if name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"
     if name.startswith("decoder.layers."):
         local, rest = name[len("decoder.layers.") :].split(".", 1)
         return f"decoder.layers.{chunk.decoder.layers[int(local)].layer_number - 1}.{rest}"
@@ -159,7 +171,9 @@ def run_case(case: dict, ref: dict) -> dict:
     chunks = []
     for v in range(vpp or 1):
         torch.manual_seed(99)
-        chunks.append(F.build_model(config, kv, VOCAB, SEQ, vp_stage=v if vpp else None))
+        chunks.append(
+            F.build_model(config, kv, VOCAB, SEQ, vp_stage=v if vpp else None, **tied(case))
+        )
     # Copy the reference weights in.
     for chunk in chunks:
         with torch.no_grad():
@@ -179,20 +193,33 @@ def run_case(case: dict, ref: dict) -> dict:
     if case.get("upstream_p2p_defaults"):
         # Negative control: Megatron's defaults, which build_model replaces for VPP.
         config.batch_p2p_comm, config.overlap_p2p_comm = True, False
+    modules = chunks
+    if case.get("ddp"):
+        # As the trainer runs it: DDP grad buffers, finalize_model_grads (TP norms, tied
+        # embedding across the first and last stage) called by the schedule.
+        modules = [
+            DistributedDataParallel(
+                config, DistributedDataParallelConfig(), c, disable_bucketing=i > 0
+            )
+            for i, c in enumerate(chunks)
+        ]
+        config.finalize_model_grads_func = finalize_model_grads
     data = batches()
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=[iter(data) for _ in chunks] if vpp else iter(data),
-        model=chunks if vpp else chunks[0],
+        model=modules if vpp else modules[0],
         num_microbatches=MICROBATCHES,
         seq_length=SEQ,
         micro_batch_size=MBS,
         **schedule_kwargs,
     )
-    # What finalize_model_grads does across TP (sequence-parallel norms, q/k norms).
-    for chunk in chunks:
-        chunk.ddp_config = DistributedDataParallelConfig()
-    _allreduce_non_tensor_model_parallel_grads(chunks, config, ps.get_tensor_model_parallel_group())
+    if not case.get("ddp"):
+        # What finalize_model_grads does across TP (sequence-parallel norms, q/k norms).
+        for chunk in chunks:
+            chunk.ddp_config = DistributedDataParallelConfig()
+        tp_group = ps.get_tensor_model_parallel_group()
+        _allreduce_non_tensor_model_parallel_grads(chunks, config, tp_group)
 
     errors, checked = [], []
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -206,10 +233,11 @@ def run_case(case: dict, ref: dict) -> dict:
         for name, p in chunk.named_parameters():
             g = global_name(chunk, name)
             checked.append(g)
-            if p.grad is None:
+            grad = p.main_grad if case.get("ddp") else p.grad
+            if grad is None:
                 errors.append(f"{g}: no gradient")
                 continue
-            err = rel_err(p.grad, tp_shard(ref["grads"][g], p, g, config))
+            err = rel_err(grad, tp_shard(ref["grads"][g], p, g, config))
             worst = max(worst, err)
             if err > RTOL:
                 errors.append(f"{g}: gradient relative error {err:.2e}")

@@ -44,6 +44,9 @@ TWO_PROCESSES = [
     case("pp2-vpp2-recompute", "fusedkv", 2, vpp=2, recompute="block"),
     case("pp2-vpp2-recompute", "fusedkv_lite", 2, vpp=2, recompute="uniform"),
     case("pp2-first3-selective-recompute", "fusedkv", 2, first=3, recompute="selective"),
+    # As the trainer runs: Megatron DDP, finalize_model_grads, tied embedding/output weights.
+    case("pp2-ddp-tied", "fusedkv", 2, ddp=True, tied=True),
+    case("pp2-vpp2-ddp-tied", "fusedkv_lite", 2, vpp=2, ddp=True, tied=True),
 ]
 FOUR_PROCESSES = [
     *[case("pp4", v, 4) for v in VARIANTS],
@@ -56,6 +59,7 @@ FOUR_PROCESSES = [
     case("tp2-sp-pp2-recompute", "fusedkv", 2, tp=2, sp=True, recompute="uniform"),
     case("tp2-sp-pp2-vpp2", "fusedkv", 2, tp=2, sp=True, vpp=2),
     case("pp4-recompute", "yoco", 4, recompute="uniform"),
+    case("tp2-sp-pp2-ddp-tied", "fusedkv", 2, tp=2, sp=True, ddp=True, tied=True),
 ]
 # Negative control: Megatron's default p2p settings under VPP at PP=2 (which build_model
 # replaces) really do corrupt gradients, so the interleaved cases above guard the fix.
