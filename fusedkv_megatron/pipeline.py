@@ -121,7 +121,8 @@ class SourcePayload:
             return packed, None
         rows, b, _ = packed.shape
         n, f, g, d = len(self.sources), self.fold, self.kv_heads, self.head_dim
-        hidden = packed[..., : self.hidden_size]
+        # A contiguous copy: fused kernels (TE's LayerNormLinear) expect dense rows.
+        hidden = packed[..., : self.hidden_size].contiguous()
         context = (
             packed[..., self.hidden_size :]
             .reshape(rows, b, n, f, g, d)
