@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     from .training.loop import TrainingDiverged
     from .training.tokenizer import TokenizerError
 
-    args = parse_args(argv)
     code = 0
     owns_group = not torch.distributed.is_initialized()  # a caller's group is left alone
     try:
+        args = parse_args(argv)
         init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
         validate_args(args, torch.distributed.get_world_size(), torch.cuda.is_available())
         code = run(args)

@@ -235,8 +235,8 @@ def load_checkpoint(
 ) -> TrainState:
     """Load `ckpt` (an iteration directory) into the model/optimizer/scheduler. Collective."""
     saved = fmt.read_run_info(ckpt)
-    fmt.check_compatible(saved, run_info, where=ckpt)
     check_tokenizer(ckpt, saved, run_info, tokenizer_file)
+    fmt.check_compatible(saved, run_info, where=ckpt)
     optimizer_fixes.apply()
     same_layout = all(
         saved["parallel"][k] == run_info["parallel"][k]
