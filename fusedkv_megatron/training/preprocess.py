@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .tokenizer import TOKENIZER_TYPES, build_tokenizer
+from .tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
 
 TEXT_DOCUMENT_MODES = ("paragraph", "line", "file")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -240,7 +240,10 @@ def _encode_batch(batch: list[tuple[str, str, str, int]]) -> list[tuple[int, dic
     for fmt, where, raw, nbytes in batch:
         ids = {}
         for key, text in _texts_of(fmt, where, raw, _worker["json_keys"]).items():
-            tokens = tokenizer.tokenize(text)
+            try:
+                tokens = tokenizer.tokenize(text)
+            except TokenizerError as err:
+                raise PreprocessError(f"{where}: {err}") from None
             if tokens and _worker["append_eod"]:  # an empty document stays empty (skipped)
                 tokens.append(tokenizer.eod)
             ids[key] = tokens

@@ -149,7 +149,13 @@ class NullTokenizer:
         return OrderedDict([("class", type(self).__name__), ("vocab_size", self.vocab_size)])
 
     def tokenize(self, text: str) -> list[int]:
-        ids = [int(x) for x in text.split()]
+        try:
+            ids = [int(x) for x in text.split()]
+        except ValueError:
+            raise TokenizerError(
+                f"NullTokenizer reads whitespace-separated integer ids, got {text[:40]!r}; "
+                "use --tokenizer-type SentencePieceTokenizer for text"
+            ) from None
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(

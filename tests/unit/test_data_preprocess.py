@@ -128,6 +128,16 @@ def test_null_tokenizer_ids(tmp_path):
         progress=False,
     )
     assert _documents(out["text"]) == [[1, 2, 3, 9], [4, 5, 9]]
+    path.write_text("1 2\n\nnot ids\n")
+    with pytest.raises(PreprocessError, match=r"ids.txt:3: NullTokenizer reads .* integer ids"):
+        preprocess_data(
+            [str(path)],
+            str(tmp_path / "ids"),
+            tokenizer_type="NullTokenizer",
+            vocab_size=10,
+            workers=2,
+            progress=False,
+        )
 
 
 def test_bad_input_names_file_and_line_and_writes_nothing(corpus, tmp_path):
