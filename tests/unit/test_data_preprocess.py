@@ -16,9 +16,9 @@ from fusedkv_megatron.training.preprocess import (
     PreprocessError,
     iter_documents,
     preprocess_data,
-    preprocess_main,
     train_tokenizer,
 )
+from fusedkv_megatron.training.preprocess_cli import preprocess_main
 from fusedkv_megatron.training.tokenizer import build_tokenizer
 
 # Other tests in this process may have started gloo's threads (a process group); the forked

@@ -14,8 +14,8 @@ from fusedkv_megatron.training.preprocess import (
     PreprocessError,
     iter_documents,
     train_tokenizer,
-    train_tokenizer_main,
 )
+from fusedkv_megatron.training.preprocess_cli import train_tokenizer_main
 from fusedkv_megatron.training.tokenizer import (
     NullTokenizer,
     SentencePieceTokenizer,
