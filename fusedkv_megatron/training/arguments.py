@@ -26,8 +26,16 @@ class ArgumentError(ValueError):
     """A configuration that cannot run, with the fix in the message."""
 
 
+class _Switch(argparse.BooleanOptionalAction):
+    """BooleanOptionalAction decides by a "--no-" prefix, so a flag that is itself named
+    "--no-x" (--no-load-optim) could never be switched on; decide by the exact spelling."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string == self.option_strings[0])
+
+
 def _bool(parser_group, flag: str, help: str) -> None:
-    parser_group.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=help)
+    parser_group.add_argument(flag, action=_Switch, default=False, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
