@@ -44,7 +44,19 @@ def _cases() -> dict[str, Callable[[], None]]:
     cases["train/rejects-unsupported"] = check_rejects_unsupported
     cases |= {f"decode/{c}": functools.partial(check_decode, c) for c in DECODE_CASES}
     cases |= {f"model/{c}": functools.partial(tkm.check_model, c) for c in tkm.MODEL_CASES}
+    cases["tools/bench_kernels-smoke"] = check_bench_script
     return cases
+
+
+def check_bench_script() -> None:
+    """tools/bench_kernels.py runs end to end (on CPU at tiny sizes: its flow, not timings)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "tools/bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = "--smoke-cpu --seqs 20 --tokens 20 --decode-batch 1 --heads 2 --kv-heads 1"
+    assert bench.main([*args.split(), "--head-dim", "16"]) == 0
 
 
 def _worker() -> None:
@@ -240,6 +252,10 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.use_triton(x, "triton")
     assert not kernels.use_triton(x, "auto")  # the interpreter is for tests only
+
+
+def test_bench_script_runs(interpreter_results):
+    interpreted(interpreter_results, "tools/bench_kernels-smoke")
 
 
 def test_kernel_rejects_unsupported_shapes(interpreter_results):
