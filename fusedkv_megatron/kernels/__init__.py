@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
 from torch import Tensor
 
 from .reference import reconstruction_attention_reference, reconstruction_decode_reference
@@ -137,17 +138,19 @@ def _unsupported(module) -> list[str]:
 
 def fused_attention_applies(module, x: Tensor, backend: str | None = None) -> bool:
     """Whether a ReconstructionAttention `module` runs the Triton kernel on inputs like `x`:
-    auto picks it on CUDA when the layer is supported (else the materializing path); a forced
-    `triton` raises on an unsupported layer."""
+    auto picks it on CUDA for fp16/bf16 activations when the layer is supported (else the
+    materializing path; fp32 would make the kernel's dots TF32); a forced `triton` raises on
+    an unsupported layer."""
     if not use_triton(x, backend):
         return False
     why = _unsupported(module)
-    if why and requested_backend(backend) == "triton":
+    forced = requested_backend(backend) == "triton"
+    if why and forced:
         raise RuntimeError(
             f"{BACKEND_ENV}=triton, but layer {module.layer_number} cannot use the fused "
             f"kernel: {'; '.join(why)}. Use auto or torch for this configuration"
         )
-    return not why
+    return not why and (forced or x.dtype in (torch.float16, torch.bfloat16))
 
 
 __all__ = [

@@ -272,3 +272,41 @@ def check_rejects_unsupported() -> None:
     q, ks, kw, vs, vw = _inputs(8, 1, 2, 1, 24, "w", "w")
     with pytest.raises(ValueError, match="head_dim=24"):
         kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
+
+
+def _layer(**config):
+    """A stand-in for a ReconstructionAttention: what fused_attention_applies reads."""
+    from types import SimpleNamespace
+
+    cfg = (
+        dict(
+            attention_dropout=0.0, context_parallel_size=1, softmax_type="vanilla", window_size=None
+        )
+        | config
+    )
+    plan = SimpleNamespace(key=(1, 2), value=(1, 2))
+    return SimpleNamespace(
+        config=SimpleNamespace(**cfg),
+        training=True,
+        layer_number=7,
+        attn_mask_type=SimpleNamespace(name="causal"),
+        plan=plan,
+        hidden_size_per_attention_head=128,
+    )
+
+
+def test_fused_attention_applies_rules(monkeypatch):
+    """Where Triton can run: auto takes the kernel for bf16/fp16 supported layers and falls
+    back otherwise (fp32, dropout, CP); forced triton raises on an unsupported layer."""
+    monkeypatch.setattr(kernels, "use_triton", lambda x, backend=None: True)
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert kernels.fused_attention_applies(_layer(), bf16, "auto")
+    assert kernels.fused_attention_applies(_layer(), torch.zeros(1, dtype=torch.half), "auto")
+    assert not kernels.fused_attention_applies(_layer(), fp32, "auto")
+    assert kernels.fused_attention_applies(_layer(), fp32, "triton")
+    for bad in (dict(attention_dropout=0.1), dict(context_parallel_size=2)):
+        assert not kernels.fused_attention_applies(_layer(**bad), bf16, "auto")
+        with pytest.raises(RuntimeError, match="layer 7 cannot use the fused kernel"):
+            kernels.fused_attention_applies(_layer(**bad), bf16, "triton")
+    monkeypatch.setattr(kernels, "use_triton", lambda x, backend=None: False)
+    assert not kernels.fused_attention_applies(_layer(), bf16, "auto")
