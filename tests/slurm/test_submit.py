@@ -47,9 +47,26 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_dry_run_renders_the_presets_layout(name, config):
+def test_each_preset_has_a_config_that_agrees_with_it(name):
+    """submit.py reads train_iters from the preset's config and passes the preset's TP/PP."""
+    import yaml
+
+    path = REPO / "examples" / "configs" / f"{name}.yaml"
+    assert path.is_file(), f"{path} missing"
+    cfg = {k.replace("-", "_"): v for k, v in yaml.safe_load(path.read_text()).items()}
+    assert submit.config_train_iters(path) == cfg["train_iters"] > 0
+    with pytest.MonkeyPatch.context() as mp:  # a login node without PyYAML
+        mp.setitem(sys.modules, "yaml", None)
+        assert submit.config_train_iters(path) == cfg["train_iters"]
     p = PRESETS[name]
-    out = dry_run("--preset", name, "--config", str(config))
+    assert cfg.get("tensor_model_parallel_size", 1) == p.tensor_parallel
+    assert cfg.get("pipeline_model_parallel_size", 1) == p.pipeline_parallel
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_dry_run_renders_the_presets_layout(name):
+    p = PRESETS[name]
+    out = dry_run("--preset", name)
     assert out.returncode == 0, out.stderr
     s = out.stdout
     assert f"#SBATCH --nodes={p.nodes}\n" in s
@@ -101,7 +118,7 @@ def test_dry_run_options_reach_the_script(config, tmp_path):
         "--container",
         "nvcr.io/nvidia/pytorch:25.01-py3",
         "--kv-sharing",
-        "fusedkv-lite",
+        "fusedkv_lite",
         "--run-dir",
         str(tmp_path / "r"),
         "--sbatch=--qos=high",
@@ -119,13 +136,13 @@ def test_dry_run_options_reach_the_script(config, tmp_path):
         "--account=proj",
         "--time=2-00:00:00",
         "--qos=high",
-        "--job-name=fusedkv-1.5b-fusedkv-lite",
+        "--job-name=fusedkv-1.5b-fusedkv_lite",
     ):
         assert f"#SBATCH {line}\n" in s
     assert "preset 1.5b: 4 node(s) x 8 GPUs, TP=2 PP=1 DP=16" in s
     assert "--container-image=nvcr.io/nvidia/pytorch:25.01-py3" in s
     assert "PYTHON=python\n" in s
-    assert "--kv-sharing fusedkv-lite" in s
+    assert "--kv-sharing fusedkv_lite" in s
     assert s.rstrip().count("--micro-batch-size 2") == 1
     assert f"RUN_DIR={tmp_path / 'r'}\n" in s
 
