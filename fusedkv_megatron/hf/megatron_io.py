@@ -202,6 +202,16 @@ def load_megatron_checkpoint(path: str | os.PathLike):
     return info, ckpt_dir, state
 
 
+def _checkpoint_state(model, info: dict) -> dict:
+    """The model plus the common entries the trainer reads on --load (training starts afresh:
+    no optimizer or RNG state, so resume with --no-load-optim --no-load-rng)."""
+    return {
+        "model": model.sharded_state_dict(),
+        "iteration": info["iteration"],
+        "train_state": {"consumed_train_samples": 0, "skipped_iters": 0},
+    }
+
+
 def _save_tp1(state: dict[str, torch.Tensor], info: dict, dtype: torch.dtype, out: Path) -> None:
     from megatron.core import dist_checkpointing
 
@@ -215,7 +225,7 @@ def _save_tp1(state: dict[str, torch.Tensor], info: dict, dtype: torch.dtype, ou
                 f"unexpected {unexpected[:6]}"
             )
         out.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out))
+        dist_checkpointing.save(_checkpoint_state(model, info), str(out))
 
 
 def _reshard_worker(
@@ -240,7 +250,7 @@ def _reshard_worker(
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         model = build_megatron_model(info, dtype, tp, pp)
         _load_into(model, Path(source))
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, target)
+        dist_checkpointing.save(_checkpoint_state(model, info), target)
     finally:
         dist.destroy_process_group()
 

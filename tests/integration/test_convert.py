@@ -152,7 +152,9 @@ def test_variant_mismatch_in_run_info(exports, tmp_path):
     info = cf.read_run_info(it)
     info["kv_sharing"]["variant"] = "yoco"
     cf.write_run_info(it, info)
-    with pytest.raises(ConversionError, match=r"kv_sharing='yoco'.*look like kv_sharing in \['fusedkv'\]"):
+    with pytest.raises(
+        ConversionError, match=r"kv_sharing='yoco'.*look like kv_sharing in \['fusedkv'\]"
+    ):
         megatron_to_hf(root, tmp_path / "out")
 
 
@@ -171,7 +173,9 @@ def test_variant_mismatch_in_hf_config(exports, tmp_path):
     cfg["kv_sharing"] = "fusedkv"
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     assert main_to_megatron(["--hf", str(hf_dir), "--save", str(tmp_path / "mg")]) == 2
-    with pytest.raises(ConversionError, match=r"look like kv_sharing in \['fusedkv_lite_learnable'\]"):
+    with pytest.raises(
+        ConversionError, match=r"look like kv_sharing in \['fusedkv_lite_learnable'\]"
+    ):
         hf_to_megatron(hf_dir, tmp_path / "mg")
 
 
@@ -208,3 +212,46 @@ def test_missing_tokenizer(exports, tmp_path, tokenizer_model):
 def test_parallel_layout_rejected_before_spawning(exports, tmp_path):
     with pytest.raises(ConversionError, match="num_query_groups=2 is not divisible"):
         hf_to_megatron(exports["gqa"][1], tmp_path / "mg", tp=4)
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_round_trip_continues_in_the_trainer(tmp_path, capfd):
+    """fusedkv-pretrain (tied embeddings, its defaults) -> HF -> Megatron: the HF model
+    computes the trained model's logits, and the converted checkpoint evaluates to the same
+    validation loss as the original when loaded with --no-load-optim --no-load-rng."""
+    from transformers import AutoModelForCausalLM
+
+    from fusedkv_megatron.hf.megatron_io import (
+        build_megatron_model,
+        load_megatron_checkpoint,
+        single_process_megatron,
+    )
+    from tests.integration.trainer_helpers import TINY, run_cli
+    from tests.unit.test_hf_model import assert_fp32_close
+
+    run = [*TINY, "--kv-sharing", "fusedkv", "--mock-data", "--tokenizer-type", "NullTokenizer",
+           "--vocab-size", "128", "--train-iters", "2"]  # fmt: skip
+    code, _, err = run_cli([*run, "--save", tmp_path / "ck"], capfd)
+    assert code == 0, err[-3000:]
+    hf_dir = megatron_to_hf(tmp_path / "ck", tmp_path / "hf")
+    hf_to_megatron(hf_dir, tmp_path / "back", iteration=2)
+
+    info, _, state = load_megatron_checkpoint(tmp_path / "ck")
+    assert info["model"]["share_embeddings_and_output_weights"]
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with single_process_megatron(), torch.no_grad():
+        model = build_megatron_model(info, torch.float32)
+        model.load_state_dict(state, strict=False)
+        want = model(tokens, torch.arange(16).expand(2, 16), None)
+        got = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True)(tokens).logits
+    assert_fp32_close(got, want)
+
+    losses = []
+    for load in (["--load", tmp_path / "ck"],
+                 ["--load", tmp_path / "back", "--no-load-optim", "--no-load-rng"]):  # fmt: skip
+        code, out, err = run_cli([*run, *load, "--skip-train"], capfd)
+        assert code == 0, err[-3000:]
+        losses.append(
+            [line.split("|")[1] for line in out.splitlines() if "validation loss" in line]
+        )
+    assert losses[0] == losses[1] and losses[0]
