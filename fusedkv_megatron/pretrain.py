@@ -163,7 +163,16 @@ def run(args) -> int:
     signals = ExitSignalHandler()
 
     def save(st):
-        save_checkpoint(a.save, rt.model, rt.optimizer, rt.scheduler, st, run_info, tokenizer_file)
+        save_checkpoint(
+            a.save,
+            rt.model,
+            rt.optimizer,
+            rt.scheduler,
+            st,
+            run_info,
+            tokenizer_file,
+            kill_before_commit=a.inject_kill_during_save,
+        )
 
     trainer = Trainer(rt, train_ds, valid_ds, test_ds, reporter, signals, save)
     reason = "skip-train"

@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--inject-nan-iters", type=int, nargs="+", default=None, help=argparse.SUPPRESS
     )  # fault injection for tests: NaN loss at these iters
+    g.add_argument("--inject-kill-during-save", action="store_true", help=argparse.SUPPRESS)
     _bool(g, "--skip-train", "no training: load, evaluate validation (and test) and exit")
 
     g = p.add_argument_group("evaluation and logging")

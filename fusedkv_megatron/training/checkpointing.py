@@ -11,8 +11,10 @@ position and counters). RNG states are restored only when the parallel layout is
 from __future__ import annotations
 
 import os
+import queue
 import random
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,20 @@ from . import checkpoint_format as fmt
 from . import optimizer_fixes
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _use_in_process_write_queue() -> None:
+    """Saves here are synchronous: the torch_dist writer's threads can report to a plain queue.
+
+    Upstream creates a `spawn` multiprocessing Manager for that queue on the first save (meant
+    for asynchronous saves in another process): it re-imports `__main__` in a new interpreter
+    (seconds per rank; an unguarded entry script hangs forever, FINDINGS.md). Pre-setting the
+    module's queue avoids that process.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 @dataclass
@@ -132,9 +148,15 @@ def save_checkpoint(
     train_state: TrainState,
     run_info: dict[str, Any],
     tokenizer_file: str | None,
+    *,
+    kill_before_commit: bool = False,
 ) -> Path:
-    """Write DIR/iter_XXXXXXX atomically and mark it as the latest. Collective (all ranks)."""
+    """Write DIR/iter_XXXXXXX atomically and mark it as the latest. Collective (all ranks).
+
+    `kill_before_commit` (tests only) SIGKILLs the process once everything is written but
+    before the rename: the worst moment for a crash."""
     optimizer_fixes.apply()
+    _use_in_process_write_queue()
     iteration = train_state.iteration
     final = fmt.iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -159,6 +181,8 @@ def save_checkpoint(
         fmt.write_run_info(tmp, {**run_info, "iteration": iteration})
         if tokenizer_file:
             shutil.copyfile(tokenizer_file, tmp / fmt.TOKENIZER_FILE)
+        if kill_before_commit:
+            os.kill(os.getpid(), signal.SIGKILL)
         if final.exists():  # the same iteration saved again (e.g. after a resume): replace it
             old = final.with_name(final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,27 +50,21 @@ class Runtime:
     device: torch.device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(backend: str | None, timeout_minutes: int) -> None:
     """torch.distributed from torchrun's environment, or a one-process group without it."""
     if torch.distributed.is_initialized():
         return
     cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if cuda else "gloo")
-    if "RANK" not in os.environ:  # plain `python -m fusedkv_megatron.pretrain`
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group(
-        backend, timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
+    if "RANK" not in os.environ:  # plain `python -m fusedkv_megatron.pretrain`: no rendezvous
+        torch.distributed.init_process_group(
+            backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+        return
+    torch.distributed.init_process_group(backend, timeout=timeout)
 
 
 def init_model_parallel(args) -> None:

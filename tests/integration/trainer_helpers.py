@@ -42,7 +42,10 @@ def run_cli(argv: list[str], capfd) -> tuple[int, str, str]:
 
 
 def cli_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """This environment without the test process's own rendezvous variables."""
+    dist = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dist}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def cli_command(argv: list[str], nproc: int = 1, port: int | None = None) -> list[str]:
