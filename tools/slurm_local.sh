@@ -109,9 +109,18 @@ start_munge() {
     die "munged did not come up (see /var/log/munge/munged.log)"
 }
 
+# slurmctld, slurmd and the rendezvous of the jobs all look this machine up by its short name.
+ensure_hostname_resolves() {
+    if ! getent hosts "$HOST" >/dev/null; then
+        log "'$HOST' (hostname -s) does not resolve: adding '127.0.0.1 $HOST' to /etc/hosts"
+        echo "127.0.0.1 $HOST" >>/etc/hosts
+    fi
+}
+
 cmd_start() {
     require_root start
     install_packages
+    ensure_hostname_resolves
     local changed=0
     write_config && changed=1
     start_munge

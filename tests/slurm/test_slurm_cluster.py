@@ -21,7 +21,7 @@ import pytest
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_ITERS = 40
+TRAIN_ITERS = 60
 TERMINAL = {
     "COMPLETED",
     "FAILED",
@@ -70,7 +70,7 @@ def _wait_for(predicate, timeout: float, what: str, log: Path):
         value = predicate()
         if value:
             return value
-        time.sleep(1)
+        time.sleep(0.5)
     tail = log.read_text()[-4000:] if log.exists() else "(no log)"
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; log tail:\n{tail}")
 
