@@ -304,26 +304,26 @@ class FusedKVModel(FusedKVPreTrainedModel):
             position_ids = torch.arange(
                 past, past + inputs_embeds.shape[1], device=inputs_embeds.device
             )[None]
+        prepared = isinstance(attention_mask, dict)  # generate() with a static cache
         mask_kwargs = dict(
             config=self.config,
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            # A prepared mask is None only without padding, so rebuilding it needs no 2D mask.
+            attention_mask=None if prepared else attention_mask,
             cache=cache,
             position_ids=position_ids,
         )
-        mask = (
-            attention_mask
-            if isinstance(attention_mask, dict)
-            else create_causal_mask(**mask_kwargs)
-        )
-        if isinstance(mask, dict):
-            mask = mask["full_attention"]
+        mask = attention_mask["full_attention"] if prepared else create_causal_mask(**mask_kwargs)
         cos, sin = rope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
 
         seq = inputs_embeds.shape[1]
-        keep = seq if not top_tokens or output_hidden_states else min(top_tokens, seq)
+        keep = min(top_tokens or seq, seq)
+        static = cache is not None and cache.is_compileable
+        flash_static = static and "flash" in self.config._attn_implementation
+        if output_hidden_states or flash_static:  # all positions needed / no safe row mask
+            keep = seq
         # Built before the layers run: the mask functions read the cache's current length.
-        top_mask = self._top_mask(mask, keep, mask_kwargs) if keep < seq else mask
+        top_mask = self._top_mask(mask, keep, mask_kwargs, cache) if keep < seq else mask
         hidden_states, sources, all_hidden = inputs_embeds, {}, []
         for i, layer in enumerate(self.layers):
             if i == self.top_start and keep < seq:
@@ -341,11 +341,15 @@ class FusedKVModel(FusedKVPreTrainedModel):
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
         )
 
-    def _top_mask(self, mask, keep: int, mask_kwargs: dict):
+    def _top_mask(self, mask, keep: int, mask_kwargs: dict, cache: Cache | None):
         """The mask rows of the last `keep` queries (against every key)."""
-        if mask is None and keep > 1 and "flash" not in self.config._attn_implementation:
-            # A skipped mask means "causal" aligned top-left; spell it out before slicing.
-            mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
+        # A skipped mask (None) means "causal, aligned top-left" to SDPA. One query may then
+        # attend to every key only if the keys are exactly the sequence so far; a static cache
+        # returns its whole preallocated buffer, so spell the mask out there.
+        exact_keys = cache is None or not cache.is_compileable
+        if mask is None and "flash" not in self.config._attn_implementation:
+            if keep > 1 or not exact_keys:
+                mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             return mask[:, :, -keep:, :]
         if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):

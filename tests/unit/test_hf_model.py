@@ -78,10 +78,12 @@ def test_cache_bytes_are_half_of_vanilla(variant):
     assert out["vanilla"][0] == L * 2 * ids.shape[0] * HEADS * (ids.shape[1] + 5) * HEAD_DIM * 4
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("variant", KV_SHARING_VARIANTS)
-def test_greedy_generation_with_cache_equals_recompute(variant):
+def test_greedy_generation_with_cache_equals_recompute(variant, cache):
+    """Also with a static cache, whose preallocated buffers the top half must mask."""
     m, ids = model(variant), prompt()
-    got = m.generate(ids, max_new_tokens=8, do_sample=False)
+    got = m.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation=cache)
     assert torch.equal(got, greedy_by_recompute(m, ids, 8))
 
 
@@ -139,14 +141,17 @@ def test_top_half_prefill_keeps_several_tokens(attn):
     assert_fp32_close(kept, full)
 
 
-def test_left_padded_batch_generates_like_single_prompts():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_batch_generates_like_single_prompts(cache):
     m = model("fusedkv")
     a, b = prompt(1, 9, seed=2), prompt(1, 5, seed=3)
     pad = torch.zeros(1, 4, dtype=torch.long)
     ids = torch.cat([a, torch.cat([pad, b], 1)])
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    batch = m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    batch = m.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation=cache
+    )
     assert torch.equal(batch[0, 9:], m.generate(a, max_new_tokens=6, do_sample=False)[0, 9:])
     assert torch.equal(batch[1, 9:], m.generate(b, max_new_tokens=6, do_sample=False)[0, 5:])
 
