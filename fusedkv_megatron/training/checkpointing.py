@@ -31,7 +31,7 @@ from . import optimizer_fixes
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _use_in_process_write_queue() -> None:
+def use_in_process_write_queue() -> None:
     """Saves here are synchronous: the torch_dist writer's threads can report to a plain queue.
 
     Upstream creates a `spawn` multiprocessing Manager for that queue on the first save (meant
@@ -156,7 +156,7 @@ def save_checkpoint(
     `kill_before_commit` (tests only) SIGKILLs the process once everything is written but
     before the rename: the worst moment for a crash."""
     optimizer_fixes.apply()
-    _use_in_process_write_queue()
+    use_in_process_write_queue()
     iteration = train_state.iteration
     final = fmt.iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
