@@ -191,12 +191,13 @@ class FusedKVAttention(nn.Module):
                 sources[src] = k if src[1] == "k" else v
         else:
             key_terms, value_terms = self.plan
+            # .to(): with a device map, the sources may live on an earlier layer's device.
             k = fuse(
-                [sources[(layer, "k")] for layer, _ in key_terms],
+                [sources[(layer, "k")].to(q.device) for layer, _ in key_terms],
                 [self.fusion_weight("key", j) for j in range(len(key_terms))],
             )
             v = fuse(
-                [sources[(layer, "v")] for layer, _ in value_terms],
+                [sources[(layer, "v")].to(q.device) for layer, _ in value_terms],
                 [self.fusion_weight("value", j) for j in range(len(value_terms))],
             )
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
