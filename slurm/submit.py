@@ -203,6 +203,11 @@ def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
         raise SubmitError(
             f"--nproc-per-node {nproc} exceeds --gpus-per-node {gpus}: one process per GPU"
         )
+    if flag_value(extra, "--config") is not None:
+        raise SubmitError(
+            "trainer argument --config: put --config before -- (submit.py reads train_iters "
+            "from it and passes it to the trainer)"
+        )
     for flag in OWNED_FLAGS:
         if flag_value(extra, flag) is not None:
             raise SubmitError(

@@ -50,7 +50,7 @@ write_config() {
         die "$CONF exists and was not written by this script (a real cluster's?); not touching it. Use that cluster, or move the file away to run the local test cluster."
     fi
     local cpus mem_mb
-    cpus="$(nproc)"
+    cpus="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it follows OMP_NUM_THREADS
     # Leave a tenth of the memory out: a node that reports less than RealMemory is marked invalid.
     mem_mb="$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)"
     mkdir -p "$CONF_DIR" "$STATE" "$SPOOL" "$LOGS"
@@ -124,9 +124,10 @@ cmd_start() {
     local changed=0
     write_config && changed=1
     start_munge
-    if [ "$changed" = 1 ] && pid_alive "$CTLD_PID"; then
-        log "configuration changed: reconfiguring the running daemons"
-        scontrol reconfigure || true
+    if [ "$changed" = 1 ] && { pid_alive "$CTLD_PID" || pid_alive "$SLURMD_PID"; }; then
+        log "configuration changed: restarting the daemons (jobs survive in the saved state)"
+        stop_pid "$SLURMD_PID" slurmd
+        stop_pid "$CTLD_PID" slurmctld
     fi
     if ! pid_alive "$CTLD_PID"; then
         log "starting slurmctld on $HOST"

@@ -54,11 +54,6 @@ def _slurm_problem() -> str | None:
     return None
 
 
-def _max_cpus() -> int:
-    out = _run("sinfo", "-h", "-o", "%c").stdout.split()
-    return max((int(x.rstrip("+")) for x in out if x.rstrip("+").isdigit()), default=1)
-
-
 def _job(job_id: str) -> dict[str, str]:
     out = _run("scontrol", "show", "job", "-o", job_id).stdout
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
@@ -92,50 +87,17 @@ def preempted_run(tmp_path_factory):
     )
     root = tmp_path_factory.mktemp("slurm")
     run_dir, log_dir = root / "run", root / "logs"
-    nproc = min(2, _max_cpus())
-    # The tiny config, with a smaller batch and sequence so that 2 CPU cores train it in seconds.
+    # The tiny preset (2 gloo processes, DP=2) and config, with a smaller batch and sequence so
+    # that 2 CPU cores train it in seconds.
     cmd = [
-        sys.executable,
-        str(REPO / "slurm" / "submit.py"),
-        "--parsable",
-        "--preset",
-        "tiny",
-        "--nproc-per-node",
-        str(nproc),
-        "--job-name",
-        "fusedkv-slurm-test",
-        "--time",
-        "00:15:00",
-        "--run-dir",
-        str(run_dir),
-        "--log-dir",
-        str(log_dir),
-        "--python",
-        sys.executable,
-        "--",
-        "--data-path",
-        data["train_data_prefix"],
-        "--tokenizer-model",
-        data["tokenizer_model"],
-        "--train-iters",
-        str(TRAIN_ITERS),
-        "--seq-length",
-        "64",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--lr-warmup-iters",
-        "2",
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "1000",
-        "--eval-iters",
-        "1",
-        "--save-interval",
-        "1000",
-    ]
+        sys.executable, str(REPO / "slurm" / "submit.py"), "--parsable", "--preset", "tiny",
+        "--job-name", "fusedkv-slurm-test", "--time", "00:15:00", "--run-dir", str(run_dir),
+        "--log-dir", str(log_dir), "--python", sys.executable,
+        "--", "--data-path", data["train_data_prefix"], "--tokenizer-model", data["tokenizer_model"],
+        "--train-iters", str(TRAIN_ITERS), "--seq-length", "64", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--lr-warmup-iters", "2", "--log-interval", "1",
+        "--eval-interval", "1000", "--eval-iters", "1", "--save-interval", "1000",
+    ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=60)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
@@ -172,6 +134,7 @@ def _before_and_after_requeue(log: str) -> tuple[str, str]:
 
 def test_job_trained_and_wrote_tensorboard_and_a_checkpoint(preempted_run):
     run_dir = preempted_run["run_dir"]
+    assert "] 2 workers" in preempted_run["log"]  # the preset's 2 gloo processes (DP=2)
     assert re.search(rf" iteration +\d+/ +{TRAIN_ITERS} \|.*lm loss", preempted_run["log"])
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(TRAIN_ITERS)

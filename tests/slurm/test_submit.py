@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -109,31 +110,11 @@ def test_dry_run_renders_the_presets_layout(name):
 
 def test_dry_run_options_reach_the_script(config, tmp_path):
     out = dry_run(
-        "--preset",
-        "1.5b",
-        "--config",
-        str(config),
-        "--nodes",
-        "4",
-        "--partition",
-        "gpu",
-        "--account",
-        "proj",
-        "--time",
-        "2-00:00:00",
-        "--container",
-        "nvcr.io/nvidia/pytorch:25.01-py3",
-        "--kv-sharing",
-        "fusedkv_lite",
-        "--run-dir",
-        str(tmp_path / "r"),
-        "--sbatch=--qos=high",
-        "--",
-        "--micro-batch-size",
-        "2",
-        "--tensor-model-parallel-size",
-        "2",
-    )
+        "--preset", "1.5b", "--config", str(config), "--nodes", "4", "--partition", "gpu",
+        "--account", "proj", "--time", "2-00:00:00", "--container", "nvcr.io/nvidia/pytorch:25.01-py3",
+        "--kv-sharing", "fusedkv_lite", "--run-dir", str(tmp_path / "r"), "--sbatch=--qos=high",
+        "--", "--micro-batch-size", "2", "--tensor-model-parallel-size", "2",
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     s = out.stdout
     for line in (
@@ -177,6 +158,7 @@ def test_dry_run_options_reach_the_script(config, tmp_path):
             "trainer argument --save is set by the launcher",
         ),
         (["--preset", "tiny", "--job-name", "a b"], "--job-name 'a b'"),
+        (["--preset", "tiny", "--", "--config", "x.yaml"], "put --config before --"),
         (
             ["--preset", "332m", "--gpus-per-node", "4", "--nproc-per-node", "8"],
             "--nproc-per-node 8 exceeds --gpus-per-node 4",
@@ -184,7 +166,7 @@ def test_dry_run_options_reach_the_script(config, tmp_path):
     ],
 )
 def test_bad_input_is_refused_with_the_value_and_the_fix(args, message, config):
-    out = dry_run(*args, "--config", str(config))
+    out = dry_run("--config", str(config), *args)
     assert out.returncode == 2
     assert message in out.stderr, out.stderr
     assert out.stdout == ""
@@ -227,6 +209,7 @@ argv = sys.argv[1:]
 log = os.environ["FAKE_CALLS"]
 with open(log, "a") as f:
     f.write("trainer " + json.dumps(argv) + "\\n")
+    f.write(f"rdzv-conf {os.environ.get('PET_RDZV_CONF')}\\n")
 def value(flag):
     return argv[argv.index(flag) + 1] if flag in argv else None
 ckpt = value("--save")
@@ -254,12 +237,21 @@ elif mode == "wait-signal":
 """
 
 STUBS = {
-    "srun": 'echo "srun $*" >> "$FAKE_CALLS"\n'
-    'while [ $# -gt 0 ] && [ "$1" != bash ]; do shift; done\nexec "$@"\n',
+    # srun runs the node command once per name in FAKE_NODES (once, in place, without it)
+    "srun": textwrap.dedent("""\
+        echo "srun $*" >> "$FAKE_CALLS"
+        while [ $# -gt 0 ] && [ "$1" != bash ]; do shift; done
+        [ -z "${FAKE_NODES:-}" ] && exec "$@"
+        i=0; pids=()
+        for n in $FAKE_NODES; do SLURMD_NODENAME=$n SLURM_NODEID=$i "$@" & pids+=($!); i=$((i+1)); done
+        rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+    """),
     "squeue": 'echo "$FAKE_TIME_LEFT"\n',
     # requeue: as SLURM does, end the batch shell with TERM
-    "scontrol": 'echo "scontrol $*" >> "$FAKE_CALLS"\n'
-    'case "$1" in show) echo nodeA; echo nodeB ;; requeue) kill -TERM "$PPID" ;; esac\n',
+    "scontrol": textwrap.dedent("""\
+        echo "scontrol $*" >> "$FAKE_CALLS"
+        case "$1" in show) echo nodeA; echo nodeB ;; requeue) kill -TERM "$PPID" ;; esac
+    """),
 }
 
 
@@ -306,6 +298,7 @@ class FakeJob:
             SLURM_JOB_NUM_NODES="1",
             SLURM_JOB_NODELIST="nodeA",
             SLURM_NODEID="0",
+            SLURMD_NODENAME="nodeA",
             SLURM_CPUS_PER_TASK="2",
             SLURM_RESTART_COUNT="0",
         )
@@ -359,6 +352,7 @@ def test_finished_run_is_not_requeued_and_gets_the_launch_arguments(tmp_path, co
     assert argv[:2] == ["-m", "torch.distributed.run"]
     assert "--rdzv-endpoint=nodeA:24242" in argv and "--nproc-per-node=2" in argv
     assert "--nnodes=1" in argv and "--max-restarts=0" in argv
+    assert "rdzv-conf is_host=1" in job.calls_log()  # the first node hosts the store
     i = argv.index("fusedkv_megatron.pretrain")
     trainer = argv[i + 1 :]
     ckpt = str(job.ckpt)
@@ -369,6 +363,24 @@ def test_finished_run_is_not_requeued_and_gets_the_launch_arguments(tmp_path, co
     assert trainer[trainer.index("--exit-duration-in-mins") + 1] == "7.0"
     srun = next(x for x in job.calls_log() if x.startswith("srun "))
     assert "--ntasks-per-node=1" in srun and "--cpus-per-task=2" in srun
+
+
+def test_two_nodes_meet_at_the_first_node(tmp_path, config):
+    job = FakeJob(tmp_path, config, "--nodes", "2")
+    rc, out = job.run(
+        "finish", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[A-B]", FAKE_NODES="nodeA nodeB"
+    )
+    assert rc == 0, out
+    calls = job.calls_log()
+    assert sorted(x for x in calls if x.startswith("rdzv-conf")) == [
+        "rdzv-conf is_host=0",
+        "rdzv-conf is_host=1",
+    ]
+    launches = [json.loads(x[len("trainer ") :]) for x in calls if x.startswith("trainer [")]
+    assert len(launches) == 2
+    for argv in launches:
+        assert "--nnodes=2" in argv and "--rdzv-endpoint=nodeA:24242" in argv
+    assert "[node 1 " in out and "[node 0 " in out
 
 
 def test_run_stopped_before_the_end_is_requeued(tmp_path, config):
