@@ -45,7 +45,8 @@ def _slurm_problem() -> str | None:
     try:
         ping = _run("scontrol", "ping", timeout=15)
         if ping.returncode != 0 or " is UP" not in ping.stdout:
-            return f"no SLURM controller answers: {(ping.stdout + ping.stderr).strip()}"
+            first = (ping.stdout + ping.stderr).strip().splitlines()[:1]
+            return f"no SLURM controller answers ({' '.join(first) or 'scontrol ping failed'})"
         nodes = _run("sinfo", "-h", "-o", "%t %c", timeout=15).stdout.split("\n")
     except subprocess.TimeoutExpired:
         return "scontrol/sinfo timed out"
