@@ -92,9 +92,16 @@ def _sdpa(q, k, v):
 
 
 def training_rows(
-    seq: int, tokens: int, hq: int, hk: int, d: int, bandwidth: float = 0.0
+    seq: int,
+    tokens: int,
+    hq: int,
+    hk: int,
+    d: int,
+    bandwidth: float = 0.0,
+    only: tuple[str, ...] | None = None,
 ) -> list[dict]:
-    """Rows for the four training methods (`bandwidth` unused: decode_rows' signature)."""
+    """Rows for the training methods (all four, or `only` these); `bandwidth` is unused
+    (decode_rows' signature)."""
     b = max(1, tokens // seq)
     dev, dt = DEVICE, DTYPE
 
@@ -124,6 +131,8 @@ def training_rows(
     flops = 2 * b * hq * seq * seq * d  # causal forward: 4*b*h*s^2*d / 2
     rows = []
     for name, (fn, leaves) in methods.items():
+        if only is not None and name not in only:
+            continue
 
         def step(fn=fn, leaves=leaves):
             return torch.autograd.grad(fn(), leaves, do)
@@ -190,26 +199,28 @@ def decode_rows(seq: int, batch: int, hq: int, hk: int, d: int, bandwidth: float
     return rows
 
 
-def sweep(hq: int, hk: int, d: int) -> None:
-    """Time fwd and fwd+bwd of the fused kernel for a few block configurations at s=8192."""
-    candidates = {
+def sweep(hq: int, hk: int, d: int, seq: int = 8192) -> None:
+    """Time fwd and fwd+bwd of the fused kernel for a few block configurations (b = 1)."""
+    candidates = {  # the first of each is the current default
         "fwd": [
-            KernelConfig(128, 64, 4, 3),
             KernelConfig(128, 64, 8, 2),
+            KernelConfig(128, 64, 4, 3),
+            KernelConfig(64, 64, 4, 2),
             KernelConfig(128, 128, 8, 2),
-            KernelConfig(64, 64, 4, 3),
+            KernelConfig(128, 32, 8, 2),
         ],
         "dkdv": [
-            KernelConfig(32, 128, 8, 2),
             KernelConfig(32, 64, 8, 2),
-            KernelConfig(64, 128, 8, 2),
-            KernelConfig(32, 64, 4, 3),
+            KernelConfig(32, 128, 8, 2),
+            KernelConfig(32, 32, 8, 2),
+            KernelConfig(64, 64, 8, 2),
+            KernelConfig(16, 64, 8, 2),
         ],
         "dq": [
-            KernelConfig(128, 32, 4, 2),
-            KernelConfig(128, 32, 8, 2),
-            KernelConfig(64, 64, 4, 2),
             KernelConfig(128, 64, 8, 2),
+            KernelConfig(128, 32, 8, 2),
+            KernelConfig(64, 32, 8, 2),
+            KernelConfig(64, 64, 8, 2),
         ],
     }
     default = {k: dict(v) for k, v in GPU_CONFIGS.items()}
@@ -217,7 +228,7 @@ def sweep(hq: int, hk: int, d: int) -> None:
         for cfg in configs:
             GPU_CONFIGS[kind][d] = cfg
             try:
-                row = [r for r in training_rows(8192, 8192, hq, hk, d) if r["method"] == "fused"]
+                row = training_rows(seq, seq, hq, hk, d, only=("fused",))
                 print(
                     f"{kind:5s} {cfg}: fwd {row[0]['fwd_ms']:.3f} ms, "
                     f"fwd+bwd {row[0]['fwd_bwd_ms']:.3f} ms",
@@ -226,6 +237,107 @@ def sweep(hq: int, hk: int, d: int) -> None:
             except Exception as err:  # a config that does not compile is a result too
                 print(f"{kind:5s} {cfg}: failed: {err}", flush=True)
         GPU_CONFIGS[kind].update(default[kind])
+
+
+def compile_only(arch: int, head_dims: tuple[int, ...] = (64, 128)) -> int:
+    """Compile every kernel with its configuration for `arch` (e.g. 90) without a GPU and print
+    shared memory, registers and spills (ptxas -v). Returns the number of failures: a compile
+    error or more shared memory than the architecture has."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fusedkv_megatron.kernels import triton_attention as ta
+    from fusedkv_megatron.kernels import triton_decode as td
+
+    smem_limit = {80: 163, 86: 99, 89: 99, 90: 227, 100: 227}.get(arch, 99) * 1024
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    low = {"Q", "K1", "K2", "V1", "V2", "OUT", "DO", "DK1", "DK2", "DV1", "DV2", "DQ"}
+    flags = dict(K2_ON=True, V2_ON=True, ON_WK1=True, ON_WK2=True, ON_WV1=True, ON_WV2=True)
+    failures = 0
+    for d in head_dims:
+        jobs = [
+            (kind, fn, ta.GPU_CONFIGS[kind][d], dict(BLOCK_N=ta.GPU_CONFIGS[kind][d].block_n))
+            for kind, fn in (
+                ("fwd", ta._fwd_kernel),
+                ("dkdv", ta._dkdv_kernel),
+                ("dq", ta._dq_kernel),
+            )
+        ]
+        fwd = ta.GPU_CONFIGS["fwd"][d]
+        jobs.append(("delta", ta._delta_kernel, fwd, {}))
+        dec = td.GPU_CONFIG[d]
+        jobs.append(
+            (
+                "decode",
+                td._decode_split_kernel,
+                dec,
+                dict(BLOCK_R=16, BLOCK_N=dec.block_n, CAUSAL=True),
+            )
+        )
+        for kind, fn, cfg, extra in jobs:
+            cons = dict(D=d, **extra)
+            if kind != "decode":
+                cons["BLOCK_M"] = cfg.block_m
+            if kind != "delta":
+                cons |= dict(GROUP=2, **flags)
+            sig = {}
+            for name in fn.arg_names:
+                if name in cons:
+                    sig[name] = "constexpr"
+                elif name in low:
+                    sig[name] = "*bf16"
+                elif name in ("W", "LSE", "DELTA", "GW", "OPART", "LPART"):
+                    sig[name] = "*fp32"
+                else:
+                    sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
+            try:
+                kernel = triton.compile(
+                    ASTSource(fn=fn, signature=sig, constexprs=cons),
+                    target=GPUTarget("cuda", arch, 32),
+                    options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                )
+            except Exception as err:
+                failures += 1
+                print(f"d={d} {kind}: COMPILE ERROR {type(err).__name__}: {err}", flush=True)
+                continue
+            smem = kernel.metadata.shared
+            usage = ""
+            if os.path.exists(ptxas):
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                    f.write(kernel.asm["ptx"])
+                    f.flush()
+                    out = subprocess.run(
+                        [
+                            ptxas,
+                            "-v",
+                            f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                            f.name,
+                            "-o",
+                            os.devnull,
+                        ],
+                        capture_output=True,
+                        text=True,
+                    ).stderr
+                regs = re.search(r"Used (\d+) registers", out)
+                spill = re.search(r"(\d+) bytes spill stores", out)
+                usage = (
+                    f", {regs.group(1) if regs else '?'} registers, "
+                    f"{spill.group(1) if spill else '?'} bytes spilled"
+                )
+            ok = smem <= smem_limit
+            failures += not ok
+            print(
+                f"d={d} {kind:6s} {cfg}: shared {smem} B{usage}"
+                f"{'' if ok else f' > {smem_limit} B: TOO MUCH SHARED MEMORY'}",
+                flush=True,
+            )
+    return failures
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -286,11 +398,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--sweep", action="store_true")
     p.add_argument(
+        "--compile-only",
+        type=int,
+        metavar="ARCH",
+        help="compile every kernel for sm_ARCH (e.g. 90) without a GPU; print registers/spills",
+    )
+    p.add_argument(
         "--smoke-cpu",
         action="store_true",
         help="run the script's flow on CPU at tiny sizes (needs TRITON_INTERPRET=1; no timings)",
     )
     args = p.parse_args(argv)
+    if args.compile_only:
+        return (
+            1
+            if compile_only(
+                args.compile_only, (args.head_dim,) if args.head_dim != 128 else (64, 128)
+            )
+            else 0
+        )
     if args.smoke_cpu:
         global DEVICE, DTYPE
         DEVICE, DTYPE = "cpu", torch.float32
@@ -302,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     hq, hk, d = args.heads, args.kv_heads, args.head_dim
     if args.sweep:
-        sweep(hq, hk, d)
+        sweep(hq, hk, d, 8192 if DEVICE == "cuda" else args.seqs[0])
         return 0
     meta = dict(
         gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)",

@@ -240,6 +240,13 @@ def _dkdv_kernel(Q, K1, K2, V1, V2, W, DO, LSE, DELTA, DK1, DK2, DV1, DV2, GW,
                              False, BLOCK_M)
     dk = dk * sm_scale
 
+    # Recompute offsets and reload weights rather than keep them live through the loop:
+    # they would cost registers for the whole loop.
+    offs_src = offs_n[:, None] * stride_ks + offs_d[None, :]
+    wk1 = _weight(Wh, 0, HK * D, ON_WK1, D)
+    wk2 = _weight(Wh, 1, HK * D, ON_WK2, D)
+    wv1 = _weight(Wh, 2, HK * D, ON_WV1, D)
+    wv2 = _weight(Wh, 3, HK * D, ON_WV2, D)
     offs_grad = offs_n[:, None] * stride_gs + offs_d[None, :]
     g_off = b * stride_gb + hk * stride_gh
     # GW is [4, blocks, b * hk, d]: term t of this tile at ((t * blocks + pid_n) * bhks + bhk).
@@ -317,14 +324,15 @@ def _dq_kernel(Q, K1, K2, V1, V2, W, DO, LSE, DELTA, DQ,
 # fmt: on
 
 
-# Block sizes per kernel and head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages). GPU values
-# follow flash-attention-2 practice on Hopper-class parts and are untuned for this operator
-# (docs/benchmarks.md); `launch` steps down if one does not fit. The interpreter gets tiny
+# Block sizes per kernel and head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen
+# without a GPU from sm_90 compiles (`tools/bench_kernels.py --compile-only`): no register
+# spills in the loops (dkdv spills a little in its epilogue), shared memory < 100 KB; untimed
+# (docs/benchmarks.md). `launch` steps down if one does not fit. The interpreter gets tiny
 # blocks so that small test shapes span several blocks and both loop stages.
 GPU_CONFIGS = {
-    "fwd": {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 2)},
-    "dkdv": {64: KernelConfig(32, 128, 8, 2), 128: KernelConfig(32, 64, 8, 2)},
-    "dq": {64: KernelConfig(128, 32, 4, 2), 128: KernelConfig(128, 32, 8, 2)},
+    "fwd": {64: KernelConfig(128, 64, 8, 2), 128: KernelConfig(128, 64, 8, 2)},
+    "dkdv": {64: KernelConfig(32, 64, 8, 2), 128: KernelConfig(32, 64, 8, 2)},
+    "dq": {64: KernelConfig(128, 64, 8, 2), 128: KernelConfig(128, 64, 8, 2)},
 }
 INTERPRETER_CONFIGS = {
     "fwd": KernelConfig(32, 16, 1, 1),

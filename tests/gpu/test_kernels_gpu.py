@@ -179,7 +179,7 @@ def test_model_triton_path_gpu(megatron_tp1, monkeypatch):
     model = build_model(config, KVSharingConfig("fusedkv"), 256, 1024).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, 256, (2, 1025), generator=g, device="cuda")
-    tokens, labels = ids[:, :-1], ids[:, 1:]
+    tokens, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     pos = torch.arange(1024, device="cuda").expand(2, -1)
     results = {}
     for backend in ("torch", "triton"):

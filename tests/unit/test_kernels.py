@@ -57,6 +57,7 @@ def check_bench_script() -> None:
     spec.loader.exec_module(bench)
     args = "--smoke-cpu --seqs 20 --tokens 20 --decode-batch 1 --heads 2 --kv-heads 1"
     assert bench.main([*args.split(), "--head-dim", "16"]) == 0
+    assert bench.main([*args.split(), "--head-dim", "16", "--sweep"]) == 0
 
 
 def _worker() -> None:
@@ -310,3 +311,22 @@ def test_fused_attention_applies_rules(monkeypatch):
             kernels.fused_attention_applies(_layer(**bad), bf16, "triton")
     monkeypatch.setattr(kernels, "use_triton", lambda x, backend=None: False)
     assert not kernels.fused_attention_applies(_layer(), bf16, "auto")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """The compiled (GPU) path, which the interpreter does not exercise: every kernel with its
+    GPU configuration compiles for sm_90 (bf16, d = 64 and 128) and fits its shared memory.
+    No GPU needed: Triton compiles to a cubin here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools/bench_kernels.py"), "--compile-only", "90"],
+        cwd=REPO,
+        env=env | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    report = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("d="))
+    assert proc.returncode == 0, f"{report}\n{proc.stderr[-4000:]}"
+    assert report.count("shared") == 10, report
