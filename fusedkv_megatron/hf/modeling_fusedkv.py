@@ -118,6 +118,42 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+# Reconstruction layers with at most this many queries (decode, top-half prefill) attend to
+# their sources directly instead of materialising the fused K/V.
+DIRECT_ATTENTION_MAX_QUERIES = 16
+
+
+def attend_to_sources(query, keys, key_weights, values, value_weights, attention_mask, scaling):
+    """Attention over fused K/V without building them: q.(sum a_i*K_i) = sum (q*a_i).K_i and
+    P.(sum b_i*V_i) = sum b_i*(P.V_i), as the weights are per KV head and channel. Each source
+    is read once per step (the paper's decode accounting) instead of fused into new tensors.
+
+    query [b, heads, n, d]; sources [b, kv_heads, S, d]; weights [kv_heads or 1, d] or None;
+    attention_mask None (causal, aligned to the last key), or 4D additive / boolean.
+    """
+    b, heads, n, d = query.shape
+    groups, length = keys[0].shape[1], keys[0].shape[2]
+    q = query.reshape(b, groups, heads // groups * n, d)  # query heads of one KV head together
+
+    def weighted(x, w):
+        return x if w is None else x * w.to(x.dtype)[None, :, None, :]
+
+    scores = sum(torch.matmul(weighted(q, w), k.transpose(2, 3)) for k, w in zip(keys, key_weights))
+    scores = scores.view(b, heads, n, length) * scaling
+    if attention_mask is None and n > 1:
+        rows = torch.arange(length - n, length, device=query.device)[:, None]
+        attention_mask = torch.arange(length, device=query.device)[None, :] <= rows
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = probs.view(b, groups, heads // groups * n, length)
+    out = sum(weighted(torch.matmul(probs, v), w) for v, w in zip(values, value_weights))
+    return out.view(b, heads, n, d).transpose(1, 2).contiguous()
+
+
 class FusedKVAttention(nn.Module):
     """Storage layer: own Q/K/V (k-norm, RoPE, cached). Reconstruction layer: own Q only; K and
     V fused from the sources with per-channel weights (keys tied per RoPE pair)."""
@@ -167,6 +203,17 @@ class FusedKVAttention(nn.Module):
             return w
         return expand_key_weight(w, self.config.rotary_interleaved)
 
+    def _attends_directly(self, num_queries: int, attention_mask) -> bool:
+        """Few queries and a fusion that would build new tensors (a weight or two sources)."""
+        key_terms, value_terms = self.plan
+        builds = any(w for _, w in key_terms + value_terms) or len(key_terms + value_terms) > 2
+        return (
+            builds
+            and num_queries <= DIRECT_ATTENTION_MAX_QUERIES
+            and self.config._attn_implementation in ("sdpa", "eager")
+            and (attention_mask is None or attention_mask.dim() == 4)
+        )
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -192,14 +239,15 @@ class FusedKVAttention(nn.Module):
         else:
             key_terms, value_terms = self.plan
             # .to(): with a device map, the sources may live on an earlier layer's device.
-            k = fuse(
-                [sources[(layer, "k")].to(q.device) for layer, _ in key_terms],
-                [self.fusion_weight("key", j) for j in range(len(key_terms))],
-            )
-            v = fuse(
-                [sources[(layer, "v")].to(q.device) for layer, _ in value_terms],
-                [self.fusion_weight("value", j) for j in range(len(value_terms))],
-            )
+            keys = [sources[(layer, "k")].to(q.device) for layer, _ in key_terms]
+            values = [sources[(layer, "v")].to(q.device) for layer, _ in value_terms]
+            key_w = [self.fusion_weight("key", j) for j in range(len(key_terms))]
+            value_w = [self.fusion_weight("value", j) for j in range(len(value_terms))]
+            if self._attends_directly(s, attention_mask):
+                out = attend_to_sources(q, keys, key_w, values, value_w, attention_mask,
+                                        self.scaling)  # fmt: skip
+                return self.o_proj(out.reshape(b, s, -1))
+            k, v = fuse(keys, key_w), fuse(values, value_w)
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention
         )

@@ -156,6 +156,45 @@ def test_left_padded_batch_generates_like_single_prompts(cache):
     assert torch.equal(batch[1, 9:], m.generate(b, max_new_tokens=6, do_sample=False)[0, 5:])
 
 
+@pytest.mark.parametrize(
+    "variant, kw",
+    [
+        ("fusedkv", {}),
+        ("fusedkv", {"fusion_weights_per_head": False}),
+        ("fusedkv", {"num_key_value_heads": 2}),
+        ("fusedkv_lite_learnable", {}),
+    ],
+    ids=["per-head", "shared-weights", "gqa", "lite-learnable"],
+)
+def test_direct_source_attention_equals_fusing(monkeypatch, variant, kw):
+    """Few queries attend to the sources without building fused K/V: same tokens and logits
+    as fusing first, with a padded batch (4D mask) and without a mask (causal rows)."""
+    m = model(variant, **kw)
+    ids = torch.cat([prompt(1, 9, seed=2), torch.cat([torch.zeros(1, 3, dtype=torch.long),
+                                                      prompt(1, 6, seed=3)], 1)])  # fmt: skip
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    calls = []
+    direct = modeling_fusedkv.attend_to_sources
+    monkeypatch.setattr(modeling_fusedkv, "attend_to_sources",
+                        lambda *a: calls.append(a[0].shape[2]) or direct(*a))  # fmt: skip
+
+    def run():
+        g = m.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                       output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        with torch.no_grad():
+            full = m(ids[:1], use_cache=False).logits  # 9 queries, no mask
+        return g.sequences, torch.stack(g.logits), full
+
+    a = run()
+    assert 1 in calls and 9 in calls
+    monkeypatch.setattr(modeling_fusedkv, "DIRECT_ATTENTION_MAX_QUERIES", 0)
+    b = run()
+    assert torch.equal(a[0], b[0])
+    assert_fp32_close(a[1], b[1])
+    assert_fp32_close(a[2], b[2])
+
+
 @pytest.mark.parametrize("interleaved", [False, True], ids=["rotate-half", "interleaved"])
 def test_fused_scores_are_relative(monkeypatch, interleaved):
     """Tied key weights keep the model shift-invariant in position; pairing them the other
