@@ -33,7 +33,7 @@ def main(root: str, tokenizer_model: str) -> None:
     for variant in VARIANTS:
         model = build_tiny(variant, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         randomize(model, dist.get_rank())
-        save_checkpoint(model, root, variant, tokenizer_model, tp, pp)
+        save_checkpoint(model, root, variant, tokenizer_model)
     dist.destroy_process_group()
 
 

@@ -15,7 +15,7 @@ TOKENIZER_VOCAB = 120  # <= VOCAB (the padded vocabulary)
 EOD = 2  # SentencePiece's </s>
 
 
-def build_tiny(variant: str, **config_overrides):
+def build_tiny(variant: str, kv_overrides: dict | None = None, **config_overrides):
     """The Megatron model of this variant (this rank's stage), as the trainer would build it."""
     import torch
 
@@ -31,29 +31,36 @@ def build_tiny(variant: str, **config_overrides):
         pipeline_dtype=torch.float32,
         **config_overrides,
     )
-    return build_model(config, KVSharingConfig(variant), VOCAB, SEQ, rotary_base=ROTARY_BASE)
+    kv = KVSharingConfig(variant, **(kv_overrides or {}))
+    return build_model(config, kv, VOCAB, SEQ, rotary_base=ROTARY_BASE)
 
 
-def run_info(variant: str, tp: int = 1, pp: int = 1) -> dict:
-    """fusedkv_run.json of build_tiny(variant), saved at TP=tp/PP=pp."""
+def run_info(model) -> dict:
+    """fusedkv_run.json of a build_tiny model, read off its config (so overrides carry over)."""
     from fusedkv_megatron.training import checkpoint_format as cf
 
-    model = dict(
-        num_layers=L,
-        hidden_size=HIDDEN,
-        ffn_hidden_size=FFN,
-        num_attention_heads=HEADS,
-        num_query_groups=groups_for(variant),
-        kv_channels=HIDDEN // HEADS,
+    c, kv = model.config, model.kv_sharing
+    arch = dict(
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        ffn_hidden_size=c.ffn_hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_query_groups=c.num_query_groups,
+        kv_channels=c.kv_channels,
         padded_vocab_size=VOCAB,
         seq_length=SEQ,
         rotary_base=ROTARY_BASE,
-        rotary_interleaved=False,
-        layernorm_epsilon=1e-6,
-        normalization="RMSNorm",
+        rotary_interleaved=c.rotary_interleaved,
+        layernorm_epsilon=c.layernorm_epsilon,
+        normalization=c.normalization,
         share_embeddings_and_output_weights=False,
     )
-    kv = dict(variant=variant, source_layers=None, weights_per_head=True, fusion_init="normal")
+    kv_section = dict(
+        variant=kv.variant,
+        source_layers=kv.source_layers,
+        weights_per_head=kv.weights_per_head,
+        fusion_init=kv.fusion_init,
+    )
     tokenizer = dict(
         type="SentencePieceTokenizer",
         model_file=cf.TOKENIZER_FILE,
@@ -61,16 +68,16 @@ def run_info(variant: str, tp: int = 1, pp: int = 1) -> dict:
         eod_id=EOD,
     )
     parallel = dict(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
+        tensor_model_parallel_size=c.tensor_model_parallel_size,
+        pipeline_model_parallel_size=c.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=None,
         data_parallel_size=1,
     )
-    return cf.make_run_info(ITERATION, model, kv, tokenizer, parallel)
+    return cf.make_run_info(ITERATION, arch, kv_section, tokenizer, parallel)
 
 
 def train_sentencepiece(prefix: str) -> str:
-    """A tiny BPE model with byte fallback on a few lines of text; returns the .model path."""
+    """A tiny BPE model trained on a few lines of text; returns the .model path."""
     import io
 
     import sentencepiece as spm
@@ -106,14 +113,14 @@ def randomize(model, rank: int = 0) -> None:
             p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.3 * noise)
 
 
-def save_checkpoint(model, root, variant: str, tokenizer_model, tp: int = 1, pp: int = 1):
-    """ROOT/<variant>/iter_0000007 in the trainer's layout (call on every rank)."""
+def save_checkpoint(model, root, name: str, tokenizer_model):
+    """ROOT/<name>/iter_0000007 in the trainer's layout (call on every rank)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     from fusedkv_megatron.training import checkpoint_format as cf
 
-    out = cf.iteration_dir(Path(root) / variant, ITERATION)
+    out = cf.iteration_dir(Path(root) / name, ITERATION)
     rank = dist.get_rank()
     if rank == 0:
         out.mkdir(parents=True)
@@ -121,7 +128,7 @@ def save_checkpoint(model, root, variant: str, tokenizer_model, tp: int = 1, pp:
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out))
     if rank == 0:
         shutil.copyfile(tokenizer_model, out / cf.TOKENIZER_FILE)
-        cf.write_run_info(out, run_info(variant, tp, pp))
-        cf.write_latest_iteration(Path(root) / variant, ITERATION)
+        cf.write_run_info(out, run_info(model))
+        cf.write_latest_iteration(Path(root) / name, ITERATION)
     dist.barrier()
     return out

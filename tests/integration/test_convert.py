@@ -255,3 +255,37 @@ def test_trained_checkpoint_round_trip_continues_in_the_trainer(tmp_path, capfd)
             [line.split("|")[1] for line in out.splitlines() if "validation loss" in line]
         )
     assert losses[0] == losses[1] and losses[0]
+
+
+@pytest.mark.parametrize(
+    "variant, kv, config",
+    [
+        ("fusedkv", {"weights_per_head": False}, {}),
+        ("fusedkv_lite_learnable", {"fusion_init": "lite"}, {"rotary_interleaved": True}),
+        ("vanilla", {}, {"rotary_interleaved": True}),  # not expressible as stock Qwen3
+    ],
+    ids=["shared-fusion-weights", "interleaved-rope", "vanilla-interleaved-rope"],
+)
+def test_other_layouts_compute_the_megatron_logits(tmp_path, tokenizer_model, variant, kv, config):
+    from transformers import AutoModelForCausalLM
+
+    from fusedkv_megatron.hf.megatron_io import single_process_megatron
+    from tests.tiny import tiny_batch
+    from tests.unit.test_hf_model import assert_fp32_close
+
+    tokens, _, pos = tiny_batch()
+    with single_process_megatron(), torch.no_grad():
+        model = build_tiny(variant, kv_overrides=kv, **config)
+        randomize(model)
+        save_checkpoint(model, tmp_path / "ck", variant, tokenizer_model)
+        want = model(tokens, pos, None)
+    hf_dir = megatron_to_hf(tmp_path / "ck" / variant, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True)
+    assert type(hf).__name__ == "FusedKVForCausalLM"
+    with torch.no_grad():
+        assert_fp32_close(hf(tokens, use_cache=False).logits, want)
+    back = hf_to_megatron(hf_dir, tmp_path / "back")
+    assert (
+        cf.read_run_info(back)["kv_sharing"]
+        == cf.read_run_info(cf.latest_checkpoint_dir(tmp_path / "ck" / variant))["kv_sharing"]
+    )
