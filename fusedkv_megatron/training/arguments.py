@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     _bool(g, "--bf16", "bfloat16 parameters and compute (fp32 main weights in the optimizer)")
     _bool(g, "--fp16", "float16 with dynamic loss scaling")
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
     g.add_argument(
         "--fp8-format",
         choices=FP8_FORMATS,

@@ -246,6 +246,49 @@ def check_tokenizer(
             )
 
 
+def _check_optimizer_kind(ckpt: Path, optimizer) -> None:
+    """The distributed and the plain optimizer store different states: refuse a mix-up."""
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    ours = any(isinstance(o, DistributedOptimizer) for o in inner)
+    common = load_common_state_dict(str(ckpt)).get("optimizer", {})
+    theirs = "param_state_sharding_type" in common
+    if ours != theirs:
+        saved_with = "with" if theirs else "without"
+        raise fmt.CheckpointFormatError(
+            f"{ckpt} was saved {saved_with} --use-distributed-optimizer and this run is "
+            f"{'with' if ours else 'without'} it: use the same setting as the saved run, or "
+            "--no-load-optim to load only the weights"
+        )
+    # Megatron matches parameter groups by their learning rates and weight-decay multiplier.
+    saved = {_group_key(g) for g in _find_param_groups(common)}
+    current = {_group_key(g) for g in optimizer.param_groups}
+    if saved and saved != current:
+        raise fmt.CheckpointFormatError(
+            f"the optimizer in {ckpt} has parameter groups (max_lr, min_lr, wd_mult) "
+            f"{sorted(saved)}, this run {sorted(current)}: resume with the saved run's "
+            "--lr/--min-lr, or pass --no-load-optim to load only the weights (fresh optimizer "
+            "and LR schedule)"
+        )
+
+
+def _group_key(group: dict) -> tuple:
+    return (group.get("max_lr"), group.get("min_lr"), group.get("wd_mult"))
+
+
+def _find_param_groups(state) -> list[dict]:
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            return state["param_groups"]
+        for value in state.values():
+            found = _find_param_groups(value)
+            if found:
+                return found
+    return []
+
+
 def load_checkpoint(
     ckpt: Path,
     model_chunks,
@@ -267,6 +310,8 @@ def load_checkpoint(
         for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
     )
     with_rng = load_rng and same_layout
+    if load_optim:
+        _check_optimizer_kind(ckpt, optimizer)
     state = _state_dict(
         model_chunks,
         optimizer,
@@ -302,7 +347,7 @@ def load_checkpoint(
         consumed_train_samples=int(ts.get("consumed_train_samples", 0)),
         skipped_iters=int(ts.get("skipped_iters", 0)),
     )
-    if not load_optim:
-        train_state = TrainState()  # fine-tune style: weights only, the schedule restarts
+    if not load_optim:  # fresh optimizer moments; the LR schedule continues where it was
+        scheduler.step(increment=train_state.iteration - train_state.skipped_iters)
     _log(f"loaded checkpoint {ckpt} (iteration {loaded['iteration']})")
     return train_state

@@ -187,6 +187,11 @@ def build_optimizer(args, model):
         fp16=args.fp16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
     )
     overrides = get_standard_config_overrides(config)
     overrides[ParamKey(name=NO_DECAY_NAMES)] = ParamGroupOverride(wd_mult=0.0)

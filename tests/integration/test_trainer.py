@@ -270,3 +270,15 @@ def test_checkpoint_of_another_variant_or_tokenizer_is_refused(fusedkv_run, data
     code, _, err = run_cli([*TINY, "--mock-data", "--tokenizer-model", _another_tokenizer(tmp_path),
                             "--train-iters", "8", "--load", ckpt], capfd)  # fmt: skip
     assert code == 2 and "was trained with tokenizer" in err and "--tokenizer-model" in err
+
+
+def test_optimizer_state_mismatches_are_refused_unless_no_load_optim(fusedkv_run, data, capfd):
+    ckpt = fusedkv_run / "ckpt"
+    flags = [*TINY, *data_flags(data), "--train-iters", "8", "--load", ckpt]
+    code, _, err = run_cli([*flags, "--use-distributed-optimizer"], capfd)
+    assert code == 2 and "was saved without --use-distributed-optimizer" in err
+    code, _, err = run_cli([*flags, "--lr", "1e-3"], capfd)
+    assert code == 2 and "resume with the saved run's --lr/--min-lr" in err
+    code, out, err = run_cli([*flags, "--lr", "1e-3", "--no-load-optim"], capfd)
+    assert code == 0, err[-3000:]
+    assert "training from iteration 6 to 8" in out
