@@ -187,8 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", type=str, default=None)
     g.add_argument("--load", type=str, default=None)
     g.add_argument("--save-interval", type=int, default=None)
-    _bool(g, "--no-load-optim", "load model weights only (fresh optimizer and scheduler)")
-    _bool(g, "--no-load-rng", "do not restore RNG states")
+    g.add_argument(
+        "--no-load-optim",
+        action="store_true",
+        help="load weights, iteration and data position only (fresh Adam moments)",
+    )
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
 
     g = p.add_argument_group("data")
     g.add_argument(
@@ -241,6 +245,8 @@ def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
         flag = "--" + dest.replace("_", "-")
         if isinstance(known[dest], argparse.BooleanOptionalAction):
             argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(known[dest], argparse._StoreTrueAction):
+            argv += [flag] if value else []
         elif value is None:
             continue
         elif isinstance(value, list):
