@@ -13,6 +13,7 @@ time/interval exit, with a checkpoint saved), 2 bad configuration or inputs, 3 d
 from __future__ import annotations
 
 import sys
+import time
 
 import fusedkv_megatron  # noqa: F401  (CPU patches before any Megatron import)
 
@@ -64,6 +65,18 @@ def _startup_report(rt, run_info) -> None:
 
 
 def run(args) -> int:
+    """Train (or evaluate) as `args` say. Exit signals are caught from the very start: one
+    received during start-up stops training after its first iteration, with a checkpoint."""
+    from .training.signals import ExitSignalHandler
+
+    signals = ExitSignalHandler()
+    try:
+        return _run(args, signals)
+    finally:
+        signals.release()
+
+
+def _run(args, signals) -> int:
     import torch
 
     from .training import checkpoint_format as fmt
@@ -78,7 +91,6 @@ def run(args) -> int:
     from .training.loop import Trainer
     from .training.model_size import ModelShape, flops_per_token, peak_tflops
     from .training.reporting import Reporter, print_first, print_last
-    from .training.signals import ExitSignalHandler
 
     rt = setup(args)
     a = args
@@ -160,7 +172,6 @@ def run(args) -> int:
         reporter.writer.add_text(
             "arguments", "\n".join(f"    {k}: {v}" for k, v in sorted(vars(a).items()))
         )
-    signals = ExitSignalHandler()
 
     def save(st):
         save_checkpoint(
@@ -178,13 +189,11 @@ def run(args) -> int:
     reason = "skip-train"
     try:
         if not a.skip_train:
-            print_first(f"> training from iteration {state.iteration} to {a.train_iters}")
+            start = state.iteration
+            print_first(f"> training from iteration {start} to {a.train_iters}")
             state, reason = trainer.train(state)
-            if (
-                reason == "done"
-                and a.save
-                and not (a.save_interval and state.iteration % a.save_interval == 0)
-            ):
+            saved = a.save_interval and state.iteration % a.save_interval == 0
+            if reason == "done" and a.save and state.iteration > start and not saved:
                 save(state)
         if reason in ("done", "skip-train"):
             trainer.evaluate(valid_ds, "validation", state.iteration)
@@ -197,7 +206,6 @@ def run(args) -> int:
             )
     finally:
         reporter.close()
-        signals.release()
     torch.distributed.barrier()
     return 0
 
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = not torch.distributed.is_initialized()  # a caller's group is left alone
     try:
         args = parse_args(argv)
+        args.start_time = time.time()  # --exit-duration-in-mins counts from here
         init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
         validate_args(args, torch.distributed.get_world_size(), torch.cuda.is_available())
         code = run(args)

@@ -164,7 +164,7 @@ class Trainer:
     def train(self, state: TrainState) -> tuple[TrainState, str]:
         """Train until train_iters or an exit condition. Returns the state and why it stopped."""
         a, rt = self.args, self.rt
-        start_time = time.time()
+        start_time = getattr(a, "start_time", time.time())
         data = self._data(self.train_ds, state.consumed_train_samples)
         in_a_row = 0
         for chunk in rt.model:

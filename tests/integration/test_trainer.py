@@ -165,6 +165,15 @@ def test_resume_is_bit_exact(optimizer, data, tmp_path, capfd, dist_single):
         assert torch.equal(final_a[key], final_b[key]), key
 
 
+def test_exit_duration_saves_and_exits_cleanly(data, tmp_path, capfd):
+    argv = [*TINY, *data_flags(data), "--train-iters", "50", "--exit-duration-in-mins", "0",
+            "--save", tmp_path / "ckpt"]  # fmt: skip
+    code, out, err = run_cli(argv, capfd)
+    assert code == 0, err[-3000:]
+    assert "exiting at iteration 1: time; checkpoint saved" in out
+    assert cf.read_latest_iteration(tmp_path / "ckpt") == 1
+
+
 def test_a_nan_iteration_is_skipped_and_counted(data, tmp_path, capfd):
     tb = tmp_path / "tb"
     argv = [*TINY, *data_flags(data), "--train-iters", "6", "--inject-nan-iters", "3",
