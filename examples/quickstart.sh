@@ -59,9 +59,14 @@ if [ "$status" -ne 0 ]; then
 fi
 
 latest="$(cat "$OUT/checkpoints/latest_checkpointed_iteration.txt")"
+if grep -q "^> exiting at iteration" "$OUT/train.log"; then
+    done_msg="stopped early at iteration $latest (checkpoint saved); run the same command again to resume"
+else
+    done_msg="done"
+fi
 cat <<EOF
 
-[quickstart] done in $(( $(date +%s) - start )) s
+[quickstart] $done_msg ($(( $(date +%s) - start )) s)
   checkpoint:   $OUT/checkpoints/iter_$(printf %07d "$latest")  (latest: iteration $latest)
                 resume or extend: add --load $OUT/checkpoints --save $OUT/checkpoints
   TensorBoard:  $OUT/tensorboard
