@@ -156,7 +156,16 @@ def training_rows(
     return rows
 
 
-def decode_rows(seq: int, batch: int, hq: int, hk: int, d: int, bandwidth: float) -> list[dict]:
+def decode_rows(
+    seq: int,
+    batch: int,
+    hq: int,
+    hk: int,
+    d: int,
+    bandwidth: float,
+    only: tuple[str, ...] | None = None,
+) -> list[dict]:
+    """Rows for the decode methods (all four, or `only` these)."""
     dev, dt = DEVICE, DTYPE
     q = torch.randn(batch, 1, hq, d, device=dev, dtype=dt)
     caches = [torch.randn(batch, seq, hk, d, device=dev, dtype=dt) for _ in range(4)]
@@ -181,6 +190,8 @@ def decode_rows(seq: int, batch: int, hq: int, hk: int, d: int, bandwidth: float
     }
     rows = []
     for name, (fn, read) in methods.items():
+        if only is not None and name not in only:
+            continue
         with torch.no_grad():
             ms = timed_ms(fn)
         bound_ms = decode_io_bytes(q, read) / bandwidth * 1e3
@@ -199,44 +210,54 @@ def decode_rows(seq: int, batch: int, hq: int, hk: int, d: int, bandwidth: float
     return rows
 
 
-def sweep(hq: int, hk: int, d: int, seq: int = 8192) -> None:
-    """Time fwd and fwd+bwd of the fused kernel for a few block configurations (b = 1)."""
-    candidates = {  # the first of each is the current default
+def sweep(hq: int, hk: int, d: int, seq: int = 8192, decode_batch: int = 8) -> None:
+    """Time a few block configurations per kernel: fused fwd and fwd+bwd at `seq` (b = 1),
+    and fusedkv decode at 4 * `seq` (its time / I/O bound). Defaults are among them."""
+    from fusedkv_megatron.kernels import triton_decode
+
+    k = KernelConfig
+    candidates = {
         "fwd": [
-            KernelConfig(128, 64, 8, 2),
-            KernelConfig(128, 64, 4, 3),
-            KernelConfig(64, 64, 4, 2),
-            KernelConfig(128, 128, 8, 2),
-            KernelConfig(128, 32, 8, 2),
+            k(128, 64, 4, 3),
+            k(128, 64, 8, 3),
+            k(128, 64, 8, 2),
+            k(64, 64, 4, 3),
+            k(128, 128, 8, 2),
         ],
         "dkdv": [
-            KernelConfig(32, 64, 8, 2),
-            KernelConfig(32, 128, 8, 2),
-            KernelConfig(32, 32, 8, 2),
-            KernelConfig(64, 64, 8, 2),
-            KernelConfig(16, 64, 8, 2),
+            k(32, 64, 8, 3),
+            k(32, 64, 8, 2),
+            k(32, 128, 8, 2),
+            k(64, 64, 8, 2),
+            k(16, 64, 4, 2),
         ],
-        "dq": [
-            KernelConfig(128, 64, 8, 2),
-            KernelConfig(128, 32, 8, 2),
-            KernelConfig(64, 32, 8, 2),
-            KernelConfig(64, 64, 8, 2),
+        "dq": [k(128, 64, 8, 2), k(128, 32, 8, 3), k(64, 64, 8, 2), k(64, 32, 4, 3)],
+        "decode": [
+            k(16, 64, 4, 3),
+            k(16, 32, 4, 3),
+            k(16, 64, 8, 3),
+            k(16, 128, 8, 2),
+            k(16, 32, 8, 4),
         ],
     }
-    default = {k: dict(v) for k, v in GPU_CONFIGS.items()}
+    tables = dict(GPU_CONFIGS, decode=triton_decode.GPU_CONFIG)
+    bandwidth = copy_bandwidth(2 << 20 if DEVICE == "cpu" else 2 << 30)
     for kind, configs in candidates.items():
+        default = tables[kind].get(d)
         for cfg in configs:
-            GPU_CONFIGS[kind][d] = cfg
+            tables[kind][d] = cfg
             try:
-                row = training_rows(seq, seq, hq, hk, d, only=("fused",))
-                print(
-                    f"{kind:5s} {cfg}: fwd {row[0]['fwd_ms']:.3f} ms, "
-                    f"fwd+bwd {row[0]['fwd_bwd_ms']:.3f} ms",
-                    flush=True,
-                )
+                if kind == "decode":
+                    row = decode_rows(4 * seq, decode_batch, hq, hk, d, bandwidth, ("fused",))[0]
+                    result = f"decode {row['ms'] * 1e3:.1f} us = {row['x_bound']:.2f}x bound"
+                else:
+                    row = training_rows(seq, seq, hq, hk, d, only=("fused",))[0]
+                    result = f"fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
+                print(f"{kind:6s} {cfg}: {result}", flush=True)
             except Exception as err:  # a config that does not compile is a result too
-                print(f"{kind:5s} {cfg}: failed: {err}", flush=True)
-        GPU_CONFIGS[kind].update(default[kind])
+                print(f"{kind:6s} {cfg}: failed: {err}", flush=True)
+        if default is not None:
+            tables[kind][d] = default
 
 
 def compile_only(arch: int, head_dims: tuple[int, ...] = (64, 128)) -> int:
@@ -296,9 +317,19 @@ def compile_only(arch: int, head_dims: tuple[int, ...] = (64, 128)) -> int:
                     sig[name] = "*fp32"
                 else:
                     sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
+            # What the JIT specializes at a typical launch: 16-byte aligned pointers and strides
+            # (and S, split_len) divisible by 16. Without it, loads are not vectorized or
+            # pipelined and the report would mislead.
+            aligned = {
+                (i,): [["tt.divisibility", 16]]
+                for i, name in enumerate(fn.arg_names)
+                if sig[name].startswith("*")
+                or name.startswith("stride")
+                or name in ("S", "split_len")
+            }
             try:
                 kernel = triton.compile(
-                    ASTSource(fn=fn, signature=sig, constexprs=cons),
+                    ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=aligned),
                     target=GPUTarget("cuda", arch, 32),
                     options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                 )
@@ -307,10 +338,11 @@ def compile_only(arch: int, head_dims: tuple[int, ...] = (64, 128)) -> int:
                 print(f"d={d} {kind}: COMPILE ERROR {type(err).__name__}: {err}", flush=True)
                 continue
             smem = kernel.metadata.shared
-            usage = ""
+            ptx = kernel.asm["ptx"]
+            usage = f", {ptx.count('cp.async.ca') + ptx.count('cp.async.cg')} cp.async"
             if os.path.exists(ptxas):
                 with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                    f.write(kernel.asm["ptx"])
+                    f.write(ptx)
                     f.flush()
                     out = subprocess.run(
                         [
@@ -326,7 +358,7 @@ def compile_only(arch: int, head_dims: tuple[int, ...] = (64, 128)) -> int:
                     ).stderr
                 regs = re.search(r"Used (\d+) registers", out)
                 spill = re.search(r"(\d+) bytes spill stores", out)
-                usage = (
+                usage += (
                     f", {regs.group(1) if regs else '?'} registers, "
                     f"{spill.group(1) if spill else '?'} bytes spilled"
                 )
@@ -428,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     hq, hk, d = args.heads, args.kv_heads, args.head_dim
     if args.sweep:
-        sweep(hq, hk, d, 8192 if DEVICE == "cuda" else args.seqs[0])
+        sweep(hq, hk, d, 8192 if DEVICE == "cuda" else args.seqs[0], args.decode_batch)
         return 0
     meta = dict(
         gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)",

@@ -325,13 +325,14 @@ def _dq_kernel(Q, K1, K2, V1, V2, W, DO, LSE, DELTA, DQ,
 
 
 # Block sizes per kernel and head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen
-# without a GPU from sm_90 compiles (`tools/bench_kernels.py --compile-only`): no register
-# spills in the loops (dkdv spills a little in its epilogue), shared memory < 100 KB; untimed
-# (docs/benchmarks.md). `launch` steps down if one does not fit. The interpreter gets tiny
+# without a GPU from sm_90 compiles with the JIT's usual alignment specialization
+# (`tools/bench_kernels.py --compile-only 90`): loads pipelined (cp.async), no register
+# spills except ~150 bytes in dkdv's d=128 epilogue, shared memory <= 180 KB. Untimed
+# (docs/benchmarks.md); `launch` steps down if one does not fit. The interpreter gets tiny
 # blocks so that small test shapes span several blocks and both loop stages.
 GPU_CONFIGS = {
-    "fwd": {64: KernelConfig(128, 64, 8, 2), 128: KernelConfig(128, 64, 8, 2)},
-    "dkdv": {64: KernelConfig(32, 64, 8, 2), 128: KernelConfig(32, 64, 8, 2)},
+    "fwd": {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 3)},
+    "dkdv": {64: KernelConfig(32, 64, 8, 3), 128: KernelConfig(32, 64, 8, 2)},
     "dq": {64: KernelConfig(128, 64, 8, 2), 128: KernelConfig(128, 64, 8, 2)},
 }
 INTERPRETER_CONFIGS = {

@@ -120,9 +120,10 @@ def _decode_combine_kernel(OPART, LPART, OUT, stride_ob, stride_ot, stride_oh,
 # fmt: on
 
 
-# (rows, BLOCK_N, warps, stages); BLOCK_R is set per call from group * t. From sm_90
-# compiles without a GPU: no spills at d=64, 72 bytes at d=128; untimed.
-GPU_CONFIG = {64: KernelConfig(16, 64, 8, 3), 128: KernelConfig(16, 64, 8, 3)}
+# (rows, BLOCK_N, warps, stages); rows (BLOCK_R) are set per call from group * t. From sm_90
+# compiles (see triton_attention.GPU_CONFIGS): no spills, 2-3 programs per SM by shared
+# memory and registers so that enough cache bytes are in flight; untimed.
+GPU_CONFIG = {64: KernelConfig(16, 64, 4, 3), 128: KernelConfig(16, 32, 4, 3)}
 
 
 @functools.cache
