@@ -330,3 +330,33 @@ def test_kernels_compile_for_hopper():
     report = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("d="))
     assert proc.returncode == 0, f"{report}\n{proc.stderr[-4000:]}"
     assert report.count("shared") == 10, report
+
+
+def test_launch_steps_down_when_a_config_does_not_fit():
+    """On a shared-memory overflow the launcher retries with fewer stages, then smaller blocks
+    (keeping powers of two, so BLOCK_M/BLOCK_N stay multiples of each other), and remembers
+    the configuration that ran."""
+    from fusedkv_megatron.kernels import launch as L
+
+    seen = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages, **meta):
+                seen.append((meta["BLOCK_M"], meta["BLOCK_N"], num_stages))
+                if meta["BLOCK_M"] * meta["BLOCK_N"] * num_stages > 64 * 64:
+                    raise L.OutOfResources(1, 2, "shared memory")
+
+            return run
+
+    def build(c):
+        return (1,), (), dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
+
+    L._working.pop(("test", 64), None)
+    with pytest.warns(UserWarning, match="does not fit"):
+        ran = L.launch(FakeKernel(), "test", 64, L.KernelConfig(128, 64, 4, 3), build)
+    assert seen == [(128, 64, 3), (128, 64, 2), (128, 64, 1), (64, 64, 2), (64, 64, 1)]
+    assert ran == L.KernelConfig(64, 64, 4, 1)
+    assert L.pick({64: L.KernelConfig(128, 64, 4, 3)}, 64, "test") == ran
+    assert L.KernelConfig(16, 16, 4, 1).smaller() is None
+    L._working.pop(("test", 64))
