@@ -50,9 +50,11 @@ if [ "$NPROC" -gt 1 ]; then
 else
     LAUNCH=("$PY")
 fi
+set +e  # keep going on failure to point at the log (the trainer's status is checked below)
 "${LAUNCH[@]}" -m fusedkv_megatron.pretrain "${ARGS[@]}" "$@" 2>&1 \
     | tee "$OUT/train.log" | grep --line-buffered -E "^ ?(>|iteration|validation|test|-+$|error|saved)"
 status=${PIPESTATUS[0]}
+set -e
 if [ "$status" -ne 0 ]; then
     echo "[quickstart] training failed (exit $status); the full log is $OUT/train.log" >&2
     exit "$status"

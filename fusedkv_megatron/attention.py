@@ -57,20 +57,33 @@ class _AttendMixin:
         if emb is None:
             return x
         return apply_rotary_pos_emb(
-            x, emb, config=self.config, mscale=self._yarn_concentration_factor,
+            x,
+            emb,
+            config=self.config,
+            mscale=self._yarn_concentration_factor,
             cp_group=self.pg_collection.cp,
         )
 
     def _attend(self, query, key, value, attention_mask, attention_bias, packed_seq_params):
         if self.checkpoint_core_attention and self.training:
             out = self._checkpointed_attention_forward(
-                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
-                attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
             )
         else:
             out = self.core_attention(
-                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
-                attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
             )
         return self.linear_proj(out)
 
@@ -91,8 +104,14 @@ class StorageAttention(_AttendMixin, SelfAttention):
         self.plan = plan
 
     def forward(
-        self, hidden_states, attention_mask, sources=None, rotary_pos_emb=None,
-        attention_bias=None, packed_seq_params=None, **kwargs,
+        self,
+        hidden_states,
+        attention_mask,
+        sources=None,
+        rotary_pos_emb=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        **kwargs,
     ) -> tuple[tuple[Tensor, Tensor | None], dict[Source, Tensor]]:
         _reject_unsupported({**kwargs, "packed_seq_params": packed_seq_params})
         query, key, value = self.get_query_key_value_tensors(hidden_states)
@@ -121,28 +140,46 @@ class ReconstructionAttention(_AttendMixin, Attention):
     """
 
     def __init__(
-        self, config, submodules: ReconstructionAttentionSubmodules, layer_number: int,
-        plan: LayerPlan, kv_sharing: KVSharingConfig,
-        attn_mask_type: AttnMaskType = AttnMaskType.causal, pg_collection=None,
-        attention_backend: str | None = None, **kwargs,
+        self,
+        config,
+        submodules: ReconstructionAttentionSubmodules,
+        layer_number: int,
+        plan: LayerPlan,
+        kv_sharing: KVSharingConfig,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        pg_collection=None,
+        attention_backend: str | None = None,
+        **kwargs,
     ):
         super().__init__(
-            config=config, submodules=submodules, layer_number=layer_number,
-            attn_mask_type=attn_mask_type, attention_type="self", pg_collection=pg_collection,
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+            attention_type="self",
+            pg_collection=pg_collection,
             **kwargs,
         )
         self.plan = plan
         self.attention_backend = attention_backend
         self.linear_q = build_module(
-            submodules.linear_q, config.hidden_size, self.query_projection_size, config=config,
-            init_method=config.init_method, gather_output=False,
-            bias=config.add_bias_linear or config.add_qkv_bias, skip_bias_add=False,
-            is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.pg_collection.tp,
+            submodules.linear_q,
+            config.hidden_size,
+            self.query_projection_size,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=config.add_bias_linear or config.add_qkv_bias,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+            tp_group=self.pg_collection.tp,
         )
         self.q_layernorm = None
         if config.qk_layernorm and submodules.q_layernorm is not None:
             self.q_layernorm = submodules.q_layernorm(
-                hidden_size=self.hidden_size_per_attention_head, config=config,
+                hidden_size=self.hidden_size_per_attention_head,
+                config=config,
                 eps=config.layernorm_epsilon,
             )
         # Fusion weights: key vectors are stored per RoPE pair (head_dim/2) and expanded.
@@ -183,8 +220,12 @@ class ReconstructionAttention(_AttendMixin, Attention):
             metadata = ensure_metadata_has_dp_cp_group(metadata)
             state.update(
                 make_sharded_tensors_for_checkpoint(
-                    own, prefix, dict.fromkeys(own, 0), sharded_offsets,
-                    tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+                    own,
+                    prefix,
+                    dict.fromkeys(own, 0),
+                    sharded_offsets,
+                    tp_group=self.tp_group,
+                    dp_cp_group=metadata["dp_cp_group"],
                 )
             )
         return state
@@ -240,8 +281,14 @@ class ReconstructionAttention(_AttendMixin, Attention):
         return self.linear_proj(out.flatten(2))
 
     def forward(
-        self, hidden_states, attention_mask, sources=None, rotary_pos_emb=None,
-        attention_bias=None, packed_seq_params=None, **kwargs,
+        self,
+        hidden_states,
+        attention_mask,
+        sources=None,
+        rotary_pos_emb=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        **kwargs,
     ) -> tuple[tuple[Tensor, Tensor | None], dict[Source, Tensor]]:
         _reject_unsupported({**kwargs, "packed_seq_params": packed_seq_params})
         missing = [s for s in self.plan.reads if s not in (sources or {})]
@@ -264,8 +311,16 @@ class KVSharingTransformerLayer(TransformerLayer):
     """A TransformerLayer that reads and extends the stacked live sources in `context`."""
 
     def __init__(
-        self, config, submodules, layer_number: int = 1, *, in_sources=(), out_sources=(),
-        unpack_input: bool = False, pack_output: bool = False, **kwargs,
+        self,
+        config,
+        submodules,
+        layer_number: int = 1,
+        *,
+        in_sources=(),
+        out_sources=(),
+        unpack_input: bool = False,
+        pack_output: bool = False,
+        **kwargs,
     ):
         super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         self.in_sources: tuple[Source, ...] = tuple(in_sources)
@@ -287,8 +342,15 @@ class KVSharingTransformerLayer(TransformerLayer):
         return hidden_states, context
 
     def _forward_attention(
-        self, hidden_states, attention_mask=None, context=None, context_mask=None,
-        rotary_pos_emb=None, attention_bias=None, packed_seq_params=None, **kwargs,
+        self,
+        hidden_states,
+        attention_mask=None,
+        context=None,
+        context_mask=None,
+        rotary_pos_emb=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        **kwargs,
     ):
         available: dict[Source, Tensor] = {}
         if self.in_sources:
@@ -302,21 +364,22 @@ class KVSharingTransformerLayer(TransformerLayer):
 
         if self.recompute_input_layernorm:
             self.input_layernorm_checkpoint = tensor_parallel.CheckpointWithoutOutput()
-            normed = self.input_layernorm_checkpoint.checkpoint(
-                self.input_layernorm, hidden_states
-            )
+            normed = self.input_layernorm_checkpoint.checkpoint(self.input_layernorm, hidden_states)
         else:
             normed = self.input_layernorm(hidden_states)
         residual = hidden_states.float() if self.config.fp32_residual_connection else hidden_states
 
         out_with_bias, published = self.self_attention(
-            normed, attention_mask, sources=available, rotary_pos_emb=rotary_pos_emb,
-            attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs,
+            normed,
+            attention_mask,
+            sources=available,
+            rotary_pos_emb=rotary_pos_emb,
+            attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params,
+            **kwargs,
         )
         if self.recompute_input_layernorm:
-            self.input_layernorm_checkpoint.discard_output_and_register_recompute(
-                out_with_bias[0]
-            )
+            self.input_layernorm_checkpoint.discard_output_and_register_recompute(out_with_bias[0])
         with self.bias_dropout_add_exec_handler():
             hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
                 out_with_bias, residual, self.hidden_dropout

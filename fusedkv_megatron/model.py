@@ -70,18 +70,23 @@ def build_model(
     Needs megatron's parallel_state initialised (a single process with TP=PP=1 is fine).
     """
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                             vp_stage=vp_stage)
+        pre_process = parallel_state.is_pipeline_first_stage(
+            ignore_virtual=False, vp_stage=vp_stage
+        )
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                             vp_stage=vp_stage)
+        post_process = parallel_state.is_pipeline_last_stage(
+            ignore_virtual=False, vp_stage=vp_stage
+        )
     # Top layers differ in shape from bottom layers, so checkpoints need per-layer keys
     # ("decoder.layers.<global index>.…") rather than keys stacked over layers.
     config.hetereogenous_dist_checkpoint = True
     # Pipeline stages: check the layout, set the p2p fields the schedules need (pipeline.py).
     prepare_pipeline_config(config, kv_sharing)
     spec = get_fusedkv_decoder_block_spec(
-        config, kv_sharing, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage,
+        config,
+        kv_sharing,
+        use_transformer_engine=use_transformer_engine,
+        vp_stage=vp_stage,
     )
     model = GPTModel(
         config=config,

@@ -61,8 +61,9 @@ class TorchNorm:
     marked `sequence_parallel` (q/k norms are summed by name there).
     """
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
-                for_qk: bool = False) -> torch.nn.Module:
+    def __new__(
+        cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, for_qk: bool = False
+    ) -> torch.nn.Module:
         norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
         norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in norm.parameters():
@@ -111,9 +112,12 @@ def _layer_spec(
     mlp = get_mlp_module_spec_for_backend(backend=backend)
     proj_name = "linear_q" if plan.is_reconstruction else "linear_qkv"
     keys_map = (
-        {"input_layernorm.": f"self_attention.{proj_name}.layer_norm_",
-         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
-        if not fused_ln else {}
+        {
+            "input_layernorm.": f"self_attention.{proj_name}.layer_norm_",
+            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+        }
+        if not fused_ln
+        else {}
     )
     if plan.is_reconstruction:
         attention = ModuleSpec(
@@ -169,7 +173,10 @@ def get_fusedkv_decoder_layer_specs(
     """One spec per global layer 1..L."""
     tp = config.tensor_model_parallel_size
     kv_sharing.validate(
-        config.num_layers, config.num_attention_heads, config.num_query_groups, tp,
+        config.num_layers,
+        config.num_attention_heads,
+        config.num_query_groups,
+        tp,
     )
     backend = get_backend(use_transformer_engine)
     plans = layer_plans(kv_sharing, config.num_layers)
@@ -186,8 +193,9 @@ def local_layer_range(
             "num_layers_in_first/last_pipeline_stage for uneven stages"
         )
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage,
-                                                          pp_rank=pp_rank))
+    return range(
+        offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    )
 
 
 def get_fusedkv_decoder_block_spec(
