@@ -24,9 +24,9 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "hf": ["transformers>=4.56"],
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.56"],
-        "dev": ["ruff>=0.6", "pytest>=8", "pytest-timeout", "transformers>=4.56"],
+        "hf": ["transformers>=5.24,<6"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=5.24,<6"],
+        "dev": ["ruff>=0.6", "pytest>=8", "pytest-timeout", "transformers>=5.24,<6"],
     },
     entry_points={
         "console_scripts": [
