@@ -29,7 +29,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.fusedkv-stamp" 2>/dev/null)" 
     echo "[env] installing fusedkv_megatron[$EXTRAS] (torch from PyPI; the CUDA build also runs on CPU)"
     "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -m pip install -q -e "$REPO[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
-    "$VENV/bin/python" -c "import megatron.core, torch" || { echo "error: installation failed" >&2; exit 2; }
+    "$VENV/bin/python" -W ignore -c "import megatron.core, torch" || { echo "error: installation failed" >&2; exit 2; }
     echo "$STAMP_WANT" > "$VENV/.fusedkv-stamp"
 fi
 
