@@ -65,26 +65,17 @@ class _AttendMixin:
         )
 
     def _attend(self, query, key, value, attention_mask, attention_bias, packed_seq_params):
-        if self.checkpoint_core_attention and self.training:
-            out = self._checkpointed_attention_forward(
-                query,
-                key,
-                value,
-                attention_mask,
-                attn_mask_type=self.attn_mask_type,
-                attention_bias=attention_bias,
-                packed_seq_params=packed_seq_params,
-            )
-        else:
-            out = self.core_attention(
-                query,
-                key,
-                value,
-                attention_mask,
-                attn_mask_type=self.attn_mask_type,
-                attention_bias=attention_bias,
-                packed_seq_params=packed_seq_params,
-            )
+        recompute = self.checkpoint_core_attention and self.training
+        core = self._checkpointed_attention_forward if recompute else self.core_attention
+        out = core(
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=self.attn_mask_type,
+            attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params,
+        )
         return self.linear_proj(out)
 
 
