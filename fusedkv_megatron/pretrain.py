@@ -97,27 +97,14 @@ def _run(args, signals) -> int:
     tokenizer_file = a.tokenizer_model if a.tokenizer_type == "SentencePieceTokenizer" else None
     run_info = fmt.make_run_info(
         0,
-        model=dict(
-            num_layers=a.num_layers,
-            hidden_size=a.hidden_size,
-            ffn_hidden_size=a.ffn_hidden_size,
-            num_attention_heads=a.num_attention_heads,
-            num_query_groups=a.num_query_groups,
-            kv_channels=a.kv_channels,
+        model=fmt.model_section(
+            rt.config,
             padded_vocab_size=rt.padded_vocab_size,
             seq_length=a.seq_length,
-            rotary_base=float(a.rotary_base),
-            rotary_interleaved=a.rotary_interleaved,
-            layernorm_epsilon=a.norm_epsilon,
-            normalization="RMSNorm",
+            rotary_base=a.rotary_base,
             share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights,
         ),
-        kv_sharing=dict(
-            variant=rt.kv.variant,
-            source_layers=rt.kv.source_layers,
-            weights_per_head=rt.kv.weights_per_head,
-            fusion_init=rt.kv.fusion_init,
-        ),
+        kv_sharing=rt.kv,
         tokenizer=dict(
             type=a.tokenizer_type,
             model_file=fmt.TOKENIZER_FILE if tokenizer_file else None,

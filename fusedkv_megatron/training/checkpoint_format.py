@@ -26,6 +26,7 @@ This module has no torch/Megatron imports so that tools can read checkpoints che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -125,14 +126,36 @@ def latest_checkpoint_dir(root: str | os.PathLike) -> Path | None:
     return path
 
 
+def model_section(
+    config: Any,
+    *,
+    padded_vocab_size: int,
+    seq_length: int,
+    rotary_base: float,
+    share_embeddings_and_output_weights: bool,
+) -> dict[str, Any]:
+    """The "model" section of fusedkv_run.json, read off the TransformerConfig that was built
+    (the other four values are GPTModel arguments, not config fields)."""
+    given = {
+        "padded_vocab_size": padded_vocab_size,
+        "seq_length": seq_length,
+        "rotary_base": float(rotary_base),
+        "share_embeddings_and_output_weights": share_embeddings_and_output_weights,
+    }
+    return {k: given[k] if k in given else getattr(config, k) for k in MODEL_KEYS}
+
+
 def make_run_info(
     iteration: int,
     model: dict[str, Any],
-    kv_sharing: dict[str, Any],
+    kv_sharing: dict[str, Any] | Any,
     tokenizer: dict[str, Any],
     parallel: dict[str, Any],
 ) -> dict[str, Any]:
-    """Assemble a fusedkv_run.json document, checking that every required key is present."""
+    """Assemble a fusedkv_run.json document, checking that every required key is present.
+    `kv_sharing` is a dict or a KVSharingConfig."""
+    if dataclasses.is_dataclass(kv_sharing):
+        kv_sharing = dataclasses.asdict(kv_sharing)
     info = {
         "format_version": FORMAT_VERSION,
         "iteration": int(iteration),

@@ -40,26 +40,12 @@ def run_info(model) -> dict:
     from fusedkv_megatron.training import checkpoint_format as cf
 
     c, kv = model.config, model.kv_sharing
-    arch = dict(
-        num_layers=c.num_layers,
-        hidden_size=c.hidden_size,
-        ffn_hidden_size=c.ffn_hidden_size,
-        num_attention_heads=c.num_attention_heads,
-        num_query_groups=c.num_query_groups,
-        kv_channels=c.kv_channels,
+    arch = cf.model_section(
+        c,
         padded_vocab_size=VOCAB,
         seq_length=SEQ,
         rotary_base=ROTARY_BASE,
-        rotary_interleaved=c.rotary_interleaved,
-        layernorm_epsilon=c.layernorm_epsilon,
-        normalization=c.normalization,
         share_embeddings_and_output_weights=False,
-    )
-    kv_section = dict(
-        variant=kv.variant,
-        source_layers=kv.source_layers,
-        weights_per_head=kv.weights_per_head,
-        fusion_init=kv.fusion_init,
     )
     tokenizer = dict(
         type="SentencePieceTokenizer",
@@ -73,7 +59,7 @@ def run_info(model) -> dict:
         virtual_pipeline_model_parallel_size=None,
         data_parallel_size=1,
     )
-    return cf.make_run_info(ITERATION, arch, kv_section, tokenizer, parallel)
+    return cf.make_run_info(ITERATION, arch, kv, tokenizer, parallel)
 
 
 def train_sentencepiece(prefix: str) -> str:
