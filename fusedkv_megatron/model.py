@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from . import compat
 from .config import KVSharingConfig
 from .pipeline import prepare_pipeline_config
 from .spec import get_fusedkv_decoder_block_spec
@@ -68,7 +69,9 @@ def build_model(
     """The GPTModel of this pipeline stage (and virtual stage `vp_stage`) with FusedKV layers.
 
     Needs megatron's parallel_state initialised (a single process with TP=PP=1 is fine).
+    Applies the Megatron patches (`fusedkv_megatron.compat.apply()`) if no entry point has.
     """
+    compat.apply()
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(
             ignore_virtual=False, vp_stage=vp_stage

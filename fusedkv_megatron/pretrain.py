@@ -15,8 +15,6 @@ from __future__ import annotations
 import sys
 import time
 
-import fusedkv_megatron  # noqa: F401  (CPU patches before any Megatron import)
-
 
 def _startup_report(rt, run_info) -> None:
     import torch
@@ -67,8 +65,10 @@ def _startup_report(rt, run_info) -> None:
 def run(args) -> int:
     """Train (or evaluate) as `args` say. Exit signals are caught from the very start: one
     received during start-up stops training after its first iteration, with a checkpoint."""
+    from . import compat
     from .training.signals import ExitSignalHandler
 
+    compat.apply()  # Megatron's CPU patches and upstream fixes, before seeding and building
     signals = ExitSignalHandler()
     try:
         return _run(args, signals)

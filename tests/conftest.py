@@ -22,12 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def megatron_patches():
+    """Megatron's CPU patches and upstream fixes, applied once before any test runs (importing
+    fusedkv_megatron applies nothing). Torchrun workers and subprocesses apply them themselves."""
+    from fusedkv_megatron import compat
+
+    compat.apply()
+
+
 @pytest.fixture(scope="session")
 def dist_single():
     """torch.distributed initialised once per pytest process (gloo, world size 1)."""
     import torch.distributed as dist
-
-    import fusedkv_megatron  # noqa: F401  (applies the CPU patches first)
 
     if not dist.is_initialized():
         os.environ["MASTER_ADDR"] = "127.0.0.1"

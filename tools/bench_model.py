@@ -48,7 +48,9 @@ def main() -> None:
     args = p.parse_args()
 
     import fusedkv_megatron as fk
+    from fusedkv_megatron import compat
 
+    compat.apply()  # Megatron's CPU patches (no-op on a GPU), before seeding
     _init_single_process()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     variants = args.variants or list(fk.VARIANTS)

@@ -1,7 +1,8 @@
 """Fixes for Megatron-Core bugs that are not CPU-specific (they hit GPU runs without TE too).
 
-Each fix is applied once at import of fusedkv_megatron and is checked by
-tests/unit/test_cpu_compat.py: the test fails when upstream fixes the bug (so the fix can go).
+`apply()` installs each fix once (through `fusedkv_megatron.compat.apply()`, which entry points
+and `build_model` call); tests/unit/test_cpu_compat.py fails when upstream fixes the bug (so the
+fix can go).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def _fixed_cwo_init(self, fp8=False):
     self.fp8 = fp8 not in (None, False)
 
 
-def apply() -> None:
-    if checkpoint_without_output_fp8_bug_present():
-        mrandom.CheckpointWithoutOutput.__init__ = _fixed_cwo_init
+def apply() -> bool:
+    """Install the fix when the bug is present; idempotent. Returns True if the fix is active."""
+    if mrandom.CheckpointWithoutOutput.__init__ is _fixed_cwo_init:
+        return True
+    if not checkpoint_without_output_fp8_bug_present():
+        return False
+    mrandom.CheckpointWithoutOutput.__init__ = _fixed_cwo_init
+    return True

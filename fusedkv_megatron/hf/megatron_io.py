@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import compat
 from ..training import checkpoint_format as ckpt_format
 from .mapping import ConversionError, check_layer_layout, hf_config_from_run_info
 
@@ -71,6 +72,7 @@ def single_process_megatron():
     own_state = not parallel_state.model_parallel_is_initialized()
     if own_state:
         parallel_state.initialize_model_parallel(1, 1)
+    compat.apply()  # before seeding: the RNG tracker needs its CPU patch without CUDA
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     try:
         yield
@@ -247,6 +249,7 @@ def _reshard_worker(
     )
     try:
         parallel_state.initialize_model_parallel(tp, pp)
+        compat.apply()  # a spawned interpreter: patch Megatron before seeding
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         model = build_megatron_model(info, dtype, tp, pp)
         _load_into(model, Path(source))

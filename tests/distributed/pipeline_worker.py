@@ -33,7 +33,8 @@ from megatron.core.distributed.finalize_model_grads import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-import fusedkv_megatron as F  # noqa: I001  (applies the CPU patches before Megatron is used)
+import fusedkv_megatron as F
+from fusedkv_megatron import compat
 from fusedkv_megatron.pipeline import boundary_bytes, pipeline_schedule_kwargs
 
 HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN, VOCAB = 16, 4, 2, 8, 32, 64
@@ -262,6 +263,7 @@ def layout_key(case: dict) -> tuple:
 
 
 def main(cases_path: str, results_path: str) -> None:
+    compat.apply()  # Megatron's CPU patches, before seeding
     dist.init_process_group("gloo")
     cases = json.loads(open(cases_path).read())
     # References first, at TP=PP=1 (the other ranks are data-parallel replicas).

@@ -16,7 +16,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-import fusedkv_megatron  # noqa: F401  (CPU patches first)
+from fusedkv_megatron import compat
 from tests.distributed.sharding import gather_full, load_full_state
 from tests.tiny import tiny_batch, tiny_model
 
@@ -39,6 +39,7 @@ def run(case: dict, ref: dict, sequence_parallel: bool):
 
 
 def main(ref_path: str, out_path: str):
+    compat.apply()  # Megatron's CPU patches, before seeding
     dist.init_process_group("gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
     model_parallel_cuda_manual_seed(1234)

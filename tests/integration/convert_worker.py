@@ -21,11 +21,11 @@ def main(root: str, tokenizer_model: str) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    import fusedkv_megatron  # noqa: F401  (CPU patches first)
-    from fusedkv_megatron import VARIANTS
+    from fusedkv_megatron import VARIANTS, compat
     from tests.integration.hf_tiny import TP_PP, build_tiny, randomize, save_checkpoint
 
     torch.set_num_threads(1)
+    compat.apply()  # Megatron's CPU patches, before seeding
     dist.init_process_group("gloo")
     tp, pp = TP_PP
     ps.initialize_model_parallel(tp, pp)

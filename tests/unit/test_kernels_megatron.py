@@ -101,8 +101,10 @@ def _parallel_state() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from fusedkv_megatron import compat
     from tests.conftest import free_port
 
+    compat.apply()  # the worker is a fresh interpreter: patch Megatron before seeding
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(free_port())

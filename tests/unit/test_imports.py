@@ -1,0 +1,123 @@
+"""Importing is free of side effects: the package and its light modules load without Megatron,
+nothing is patched until `fusedkv_megatron.compat.apply()` is called, and applying twice is the
+same as applying once. Each check runs in a fresh interpreter (this pytest process has long
+imported Megatron and applied the patches)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Modules whose docstrings promise an import without Megatron (and, for the checkpoint format,
+# without torch), so that tools and the HF side stay cheap.
+MEGATRON_FREE = {
+    "fusedkv_megatron": ("megatron",),
+    "fusedkv_megatron.config": ("megatron",),
+    "fusedkv_megatron.fusion": ("megatron",),
+    "fusedkv_megatron.compat": ("megatron",),
+    "fusedkv_megatron.hf.mapping": ("megatron",),
+    "fusedkv_megatron.training.checkpoint_format": ("megatron", "torch"),
+}
+
+
+def _run(code: str) -> dict:
+    """Run `code` in a fresh interpreter; it prints one JSON line, which is returned."""
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", sorted(MEGATRON_FREE))
+def test_light_module_imports_without_megatron(module):
+    loaded = _run(
+        f"""
+        import importlib, json, sys
+        importlib.import_module({module!r})
+        print(json.dumps({{m: m in sys.modules for m in {list(MEGATRON_FREE[module])!r}}}))
+        """
+    )
+    assert loaded == {m: False for m in MEGATRON_FREE[module]}, (
+        f"importing {module} loads {[m for m, v in loaded.items() if v]}"
+    )
+
+
+def test_public_names_are_lazy_and_patches_wait_for_apply():
+    out = _run(
+        """
+        import json, sys
+        import torch
+        original_device = torch.cuda.current_device
+        import fusedkv_megatron as fk
+        out = {"dir_has_all": set(fk.__all__) <= set(dir(fk))}
+        out["config_without_megatron"] = (
+            fk.KVSharingConfig("fusedkv").variant == "fusedkv" and "megatron" not in sys.modules
+        )
+        fk.build_model  # loads model.py and Megatron, but patches nothing
+        out["megatron_after_build_model_access"] = "megatron" in sys.modules
+        out["unpatched_after_import"] = torch.cuda.current_device is original_device
+        try:
+            fk.no_such_name
+            out["unknown_name_raises"] = False
+        except AttributeError:
+            out["unknown_name_raises"] = True
+        print(json.dumps(out))
+        """
+    )
+    assert out == {
+        "dir_has_all": True,
+        "config_without_megatron": True,
+        "megatron_after_build_model_access": True,
+        "unpatched_after_import": True,
+        "unknown_name_raises": True,
+    }
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="the CPU patches apply only without CUDA"
+)
+def test_apply_is_idempotent():
+    out = _run(
+        """
+        import json
+        import torch
+        original_device = torch.cuda.current_device
+        from fusedkv_megatron import compat
+        from fusedkv_megatron.compat import cpu, upstream
+        from megatron.core.tensor_parallel import random as mrandom
+        first = compat.apply()
+        state = (torch.cuda.current_device, mrandom.CheckpointWithoutOutput.__init__,
+                 dict(cpu.ORIGINALS), len(torch.overrides._get_current_function_mode_stack()))
+        second = compat.apply()
+        again = (torch.cuda.current_device, mrandom.CheckpointWithoutOutput.__init__,
+                 dict(cpu.ORIGINALS), len(torch.overrides._get_current_function_mode_stack()))
+        print(json.dumps({
+            "first": first, "second": second, "same_state": state == again,
+            "originals_kept": cpu.ORIGINALS["current_device"] is original_device,
+            "upstream_fixed": mrandom.CheckpointWithoutOutput.__init__ is upstream._fixed_cwo_init,
+            "one_mode": again[3],
+        }))
+        """
+    )
+    assert out == {
+        "first": True,
+        "second": True,
+        "same_state": True,
+        "originals_kept": True,
+        "upstream_fixed": True,
+        "one_mode": 1,
+    }
