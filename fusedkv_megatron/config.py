@@ -29,7 +29,7 @@ class KVSharingError(ValueError):
 
 @dataclass(frozen=True)
 class KVSharingConfig:
-    """How a decoder shares K/V across layers (see SPEC.md).
+    """How a decoder shares K/V across layers (docs/model.md).
 
     variant: one of VARIANTS.
     source_layers: (bottom, middle) 1-based layer numbers whose post-RoPE K/V feed the top

@@ -88,7 +88,7 @@ def expand_key_weight(weight: torch.Tensor, rotary_interleaved: bool) -> torch.T
 
     Rotate-half RoPE (Megatron's default) pairs channel j with j + head_dim/2; interleaved RoPE
     pairs 2j with 2j+1. With the tie, w * RoPE_m(k) == RoPE_m(w * k), so fusing post-RoPE keys
-    keeps scores relative (SPEC.md section 1).
+    keeps scores relative (docs/model.md, "The RoPE-pair tie").
     """
     if rotary_interleaved:
         return weight.repeat_interleave(2, dim=-1)

@@ -5,7 +5,7 @@
         --data-path data/corpus_text_document --tokenizer-model data/tokenizer.model \
         --save ckpt --load ckpt --tensorboard-dir tb
 
-Flags follow Megatron-LM's names (see `--help` and README "Training"). Without torchrun it runs
+Flags follow Megatron-LM's names (see `--help` and docs/training.md). Without torchrun it runs
 as one process; without CUDA on the CPU under gloo. Exit codes: 0 done (also after a signal or
 time/interval exit, with a checkpoint saved), 2 bad configuration or inputs, 3 diverged.
 """

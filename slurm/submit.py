@@ -8,7 +8,7 @@
 Arguments after `--` go to the trainer (fusedkv-pretrain), after the preset's. Each run lives in
 --run-dir (default runs/slurm/<job name>): checkpoints/ and tensorboard/. Submitting again with
 the same run dir resumes from its latest checkpoint. Standard library only, so it runs on a login
-node without the project's environment; see README "SLURM".
+node without the project's environment; see docs/slurm.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""A plain-PyTorch FusedKV decoder written from SPEC.md, independent of the production code.
+"""A plain-PyTorch FusedKV decoder written from docs/model.md, independent of the production code.
 
 It takes the weights of a TP=1 Megatron model by name and computes logits the obvious way:
 pre-norm blocks, q/k RMSNorm per head, rotate-half RoPE, causal GQA attention, SwiGLU. The
-KV-sharing rules below restate SPEC.md's tables; nothing is imported from fusedkv_megatron.
+KV-sharing rules below restate docs/model.md's variant table; nothing is imported from fusedkv_megatron.
 """
 
 from __future__ import annotations

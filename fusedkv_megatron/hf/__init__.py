@@ -1,4 +1,4 @@
-"""Hugging Face export and inference (README "Hugging Face export").
+"""Hugging Face export and inference (docs/hf.md).
 
 configuration_fusedkv.py, modeling_fusedkv.py   the exported remote code (torch/transformers
                                                 only; copied next to the weights)

@@ -2,9 +2,9 @@
 
 Exported next to the weights as remote code: imports only torch/transformers, never
 fusedkv_megatron. It carries its own copy of the KV-sharing table (which layer reads which
-source); tests/unit/test_hf_fusion_copy.py keeps it equal to fusedkv_megatron.fusion.
+source); the fusedkv_megatron test suite keeps it equal to the trainer's table.
 
-Layers are 0-based here (HF), 1-based in Megatron and SPEC.md. A top ("reconstruction") layer has
+Layers are 0-based here (HF), 1-based in Megatron. A top ("reconstruction") layer has
 no K/V projections; its K and V are sums of other layers' post-k-norm, post-RoPE K/V.
 """
 
@@ -56,7 +56,7 @@ def kv_sharing_plan(
 class FusedKVConfig(Qwen3Config):
     """Qwen3Config plus the KV-sharing layout.
 
-    kv_sharing: one of KV_SHARING_VARIANTS (SPEC.md tables).
+    kv_sharing: one of KV_SHARING_VARIANTS; `kv_sharing_plan` gives every layer's sources.
     kv_source_layers: 1-based (bottom, middle) source layers; None means (1, L/2).
     fusion_weights_per_head: fusion weights [kv_heads, d] (True) or one shared [1, d] (False).
     fusion_init: "normal" (the paper) or "lite", used only to initialise a fresh model.

@@ -2,7 +2,7 @@
 
 Exported next to the weights as remote code: imports only torch/transformers, never
 fusedkv_megatron, and carries its own copy of the fusion math (`expand_key_weight`, `fuse`),
-kept equal to fusedkv_megatron.fusion by tests/unit/test_hf_fusion_copy.py.
+kept equal to the trainer's (fusedkv_megatron.fusion) by the fusedkv_megatron test suite.
 
 - Storage layers compute Q, K, V as Qwen3 does; the cache holds them only (the config's
   `kv_sharing_modes` marks top layers "reuse", for which transformers' caches allocate nothing).

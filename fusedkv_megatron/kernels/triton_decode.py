@@ -228,7 +228,7 @@ def fused_reconstruction_decode(
 
 def decode_io_bytes(q: Tensor, sources: list[Tensor]) -> int:
     """Bytes one decode step must move at least: every source cache read once, q read and
-    the output written once (the I/O bound of SPEC.md section 5)."""
+    the output written once (the I/O bound of docs/model.md, "KV-cache accounting")."""
     return sum(x.numel() * x.element_size() for x in sources) + 2 * q.numel() * q.element_size()
 
 

@@ -36,7 +36,7 @@ def use_in_process_write_queue() -> None:
 
     Upstream creates a `spawn` multiprocessing Manager for that queue on the first save (meant
     for asynchronous saves in another process): it re-imports `__main__` in a new interpreter
-    (seconds per rank; an unguarded entry script hangs forever, FINDINGS.md). Pre-setting the
+    (seconds per rank; an unguarded entry script hangs forever, docs/upstream.md). Pre-setting the
     module's queue avoids that process.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async

@@ -31,7 +31,7 @@ from .. import KVSharingConfig, build_model, qwen3_config
 from . import optimizer_fixes
 from .tokenizer import build_tokenizer
 
-# Fusion weights get no weight decay (our choice, SPEC.md section 1); norms and biases neither.
+# Fusion weights get no weight decay (our choice, docs/model.md); norms and biases neither.
 NO_DECAY_NAMES = ("*.key_weight_*", "*.value_weight_*")
 
 

@@ -3,7 +3,7 @@
 When neither NVIDIA Apex nor Transformer Engine is installed, Megatron-Core (0.16 to 0.19 at
 least) wraps torch's AdamW, which keeps a `step` tensor per parameter, while the distributed
 optimizer's checkpoint code assumes one step per param group. On CPU this is always the case;
-on GPU machines without Apex/TE too. Three consequences (FINDINGS.md, "Checkpointing"):
+on GPU machines without Apex/TE too. Three consequences (docs/upstream.md, section 3):
 
 a. `sharded_state_dict(is_loading=True)` calls `state_dict()`, which asserts that all params
    share one step, and fails on a fresh optimizer (no state yet). Fix: before loading, create

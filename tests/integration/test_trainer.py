@@ -134,7 +134,7 @@ def _plain_tensors(ckpt_dir):
 @pytest.mark.parametrize("optimizer", ["distributed", "plain"])
 def test_resume_is_bit_exact(optimizer, data, tmp_path, capfd, dist_single):
     """8 iterations straight == 4, exit, resume, 4: same losses and grad norms bit for bit, and
-    the same final weights and optimizer state (catches the shared-`step` bug, FINDINGS.md)."""
+    the same final weights and optimizer state (catches the shared-`step` bug, docs/upstream.md)."""
     flags = [*TINY, *data_flags(data), "--kv-sharing", "fusedkv", "--train-iters", "8",
              "--lr-warmup-iters", "2"]  # fmt: skip
     if optimizer == "distributed":

@@ -1,4 +1,4 @@
-"""The three DistributedOptimizer checkpoint bugs (FINDINGS.md) still exist upstream without
+"""The three DistributedOptimizer checkpoint bugs (docs/upstream.md) still exist upstream without
 fusedkv_megatron/training/optimizer_fixes.py, and are gone with it. When an upstream release
 fixes one, its "upstream still has the bug" assertion fails: drop that fix then."""
 

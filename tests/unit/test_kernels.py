@@ -1,4 +1,4 @@
-"""The Triton kernels compute what the PyTorch references compute (SPEC.md sections 1 and 5).
+"""The Triton kernels compute what the PyTorch references compute (docs/model.md, docs/kernels.md).
 
 On CPU through Triton's interpreter, in fp32 at small shapes (bf16 `tl.dot` is not exact in
 the interpreter): sequence lengths that are and are not multiples of the blocks (the

@@ -1,4 +1,4 @@
-"""The Megatron model computes SPEC.md's network: parity with the plain reference, parameter
+"""The Megatron model computes docs/model.md's network: parity with the plain reference, parameter
 and cache accounting, and unchanged results under activation recompute."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SPEC.md section 1: a key fusion weight must be equal on the two channels one RoPE frequency
+"""docs/model.md, "The RoPE-pair tie": a key fusion weight must be equal on the two channels one RoPE frequency
 rotates, or an absolute-position term leaks into the scores. Checked with Megatron's own RoPE
 (RotaryEmbedding + apply_rotary_pos_emb), in both pairing conventions."""
 
