@@ -82,6 +82,7 @@ def _run(args, signals) -> int:
     from .training import checkpoint_format as fmt
     from .training.checkpointing import (
         TrainState,
+        check_save_dir,
         load_checkpoint,
         resolve_load_dir,
         save_checkpoint,
@@ -120,6 +121,8 @@ def _run(args, signals) -> int:
     )
     _startup_report(rt, run_info)
 
+    if a.save:
+        check_save_dir(a.save)
     state = TrainState()
     if a.load:
         ckpt = resolve_load_dir(a.load, a.save)
@@ -169,7 +172,8 @@ def _run(args, signals) -> int:
             st,
             run_info,
             tokenizer_file,
-            kill_before_commit=a.inject_kill_during_save,
+            keep_latest_k=a.keep_latest_k,
+            kill_at=a.inject_kill_during_save,
         )
 
     trainer = Trainer(rt, train_ds, valid_ds, test_ds, reporter, signals, save)

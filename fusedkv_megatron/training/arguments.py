@@ -174,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--inject-nan-iters", type=int, nargs="+", default=None, help=argparse.SUPPRESS
     )  # fault injection for tests: NaN loss at these iters
-    g.add_argument("--inject-kill-during-save", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument(
+        "--inject-kill-during-save",
+        nargs="?",
+        const="before-commit",
+        default=None,
+        help=argparse.SUPPRESS,
+    )  # fault injection for tests: SIGKILL at this point of a save (checkpointing.CRASH_POINTS)
     _bool(g, "--skip-train", "no training: load, evaluate validation (and test) and exit")
 
     g = p.add_argument_group("evaluation and logging")
@@ -187,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", type=str, default=None)
     g.add_argument("--load", type=str, default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument(
+        "--keep-latest-k",
+        type=int,
+        default=0,
+        help="after each save delete all but the K newest checkpoints (the latest is never "
+        "deleted); 0 keeps all (default)",
+    )
     g.add_argument(
         "--no-load-optim",
         action="store_true",
@@ -292,6 +305,8 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         "exit_interval",
         "max_consecutive_skipped_iters",
     )
+    if args.keep_latest_k < 0:
+        raise ArgumentError(f"--keep-latest-k={args.keep_latest_k} must be >= 0 (0 keeps all)")
     if args.eval_iters < 0:
         raise ArgumentError(f"--eval-iters={args.eval_iters} must be >= 0 (0 disables evaluation)")
     if args.bf16 and args.fp16:

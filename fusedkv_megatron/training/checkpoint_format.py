@@ -21,14 +21,24 @@ Layout (as Megatron-LM's):
      "parallel": {"tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "virtual_pipeline_model_parallel_size", "data_parallel_size"}}
 
+Crash safety (the commit protocol of `commit_iteration`): everything is written and fsynced
+under DIR/iter_XXXXXXX.tmp, which then becomes DIR/iter_XXXXXXX by one rename (or, when that
+iteration exists already, by one atomic exchange of the two directories); the tracker moves
+last. At every instant the tracker names a complete directory. Leftovers of a crash
+(`*.tmp`, `*.old`, `*.deleting`) are cleaned by `remove_leftovers` at the next save.
+
 This module has no torch/Megatron imports so that tools can read checkpoints cheaply.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -86,10 +96,149 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of directory `path` (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync a directory; nothing more to do
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under `path`, then every directory bottom-up (rank 0, before a commit;
+    the torch_dist writer has already fsynced the shards each rank wrote)."""
+    for dirpath, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_dirs(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE). Returns
+    False where the platform or file system cannot (the caller then uses two renames)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+_LEFTOVER_RE = re.compile(r"^iter_(\d{7,})\.(tmp|old|deleting)$")
+
+
+def complete_iterations(root: str | os.PathLike) -> list[int]:
+    """Iterations with a committed DIR/iter_XXXXXXX directory, ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = (_ITER_RE.match(p.name) for p in root.iterdir() if p.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def staging_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """DIR/iter_XXXXXXX.tmp: where a save writes before its commit."""
+    final = iteration_dir(root, iteration)
+    return final.with_name(final.name + ".tmp")
+
+
+def remove_leftovers(root: str | os.PathLike) -> list[Path]:
+    """Clean what crashed saves left (one process only, while no save is running): staging
+    directories, half-deleted ones, tracker temp files; an `iter_N.old` whose `iter_N` is
+    missing (a crash between the two renames of the fallback commit) is moved back."""
+    root = Path(root)
+    removed = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        m = _LEFTOVER_RE.match(path.name)
+        if m and path.is_dir():
+            final = iteration_dir(root, int(m.group(1)))
+            if m.group(2) == "old" and not final.exists():
+                os.replace(path, final)
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+        elif path.name.startswith(f".{TRACKER_FILE}.") and path.name.endswith(".tmp"):
+            path.unlink()
+            removed.append(path)
+    fsync_dir(root)
+    return removed
+
+
+def commit_iteration(root: str | os.PathLike, iteration: int, crash_point=None) -> Path:
+    """Move the fsynced staging directory of `iteration` into place, then the tracker.
+
+    A new iteration takes one rename. An existing one (the same iteration saved again) is
+    swapped with the staging directory atomically, so the tracker never names a missing
+    directory; without RENAME_EXCHANGE the tracker first falls back to the newest older
+    checkpoint while two renames replace the directory. `crash_point(name)` is a test hook."""
+    hook = crash_point or (lambda name: None)
+    root = Path(root)
+    final, staged = iteration_dir(root, iteration), staging_dir(root, iteration)
+    replaced = None
+    if not final.exists():
+        os.replace(staged, final)
+    elif exchange_dirs(staged, final):
+        replaced = staged  # now holds the previous content
+    else:
+        older = [i for i in complete_iterations(root) if i < iteration]
+        if read_latest_iteration(root) == iteration and older:
+            write_latest_iteration(root, older[-1])
+        replaced = final.with_name(final.name + ".old")
+        os.replace(final, replaced)  # a crash here: latest_checkpoint_dir falls back to .old
+        os.replace(staged, final)
+    fsync_dir(root)
+    hook("after-commit")
+    write_latest_iteration(root, iteration)
+    hook("after-tracker")
+    if replaced is not None:
+        shutil.rmtree(replaced)
+    return final
+
+
+def prune_iterations(root: str | os.PathLike, keep_latest_k: int, crash_point=None) -> list[int]:
+    """Delete all but the newest `keep_latest_k` checkpoints at or below the tracker's
+    iteration (0 keeps all). The tracker's checkpoint is always kept; directories of higher
+    iterations (a run that was rolled back) are left alone. Returns the deleted iterations."""
+    latest = read_latest_iteration(root)
+    if keep_latest_k <= 0 or latest is None:
+        return []
+    candidates = [i for i in complete_iterations(root) if i <= latest]
+    doomed = candidates[:-keep_latest_k] if latest in candidates else []
+    for i in doomed:
+        path = iteration_dir(root, i)
+        trash = path.with_name(path.name + ".deleting")  # never half-deleted under its name
+        os.replace(path, trash)
+        if crash_point is not None:
+            crash_point("mid-retention")
+        shutil.rmtree(trash)
+    if doomed:
+        fsync_dir(root)
+    return doomed
 
 
 def write_latest_iteration(root: str | os.PathLike, iteration: int) -> None:
@@ -118,6 +267,9 @@ def latest_checkpoint_dir(root: str | os.PathLike) -> Path | None:
     if iteration is None:
         return None
     path = iteration_dir(root, iteration)
+    old = path.with_name(path.name + ".old")
+    if not path.is_dir() and (old / RUN_FILE).is_file():
+        return old  # a crash inside the two-rename commit (file systems without exchange)
     if not path.is_dir():
         raise CheckpointFormatError(
             f"{Path(root) / TRACKER_FILE} says iteration {iteration}, but {path} does not exist; "

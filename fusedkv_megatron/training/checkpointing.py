@@ -1,20 +1,31 @@
 """Save and load training checkpoints (dist_checkpointing torch_dist; layout in checkpoint_format).
 
-A save writes into DIR/iter_XXXXXXX.tmp, adds fusedkv_run.json (+ tokenizer.model), renames the
-directory to DIR/iter_XXXXXXX and only then updates DIR/latest_checkpointed_iteration.txt, so a
-crash at any point leaves the previous checkpoint as the latest. The state dict holds "model"
-(or "model0", "model1", ... with a virtual pipeline), "optimizer" (fully_reshardable, so TP/PP/DP
-may change on load), "opt_param_scheduler", "iteration", "rng_state" and "train_state" (data
-position and counters). RNG states are restored only when the parallel layout is unchanged.
+A save cleans what crashed saves left, writes into DIR/iter_XXXXXXX.tmp, adds fusedkv_run.json
+(+ tokenizer.model), fsyncs it, moves it into place (a rename, or an atomic exchange when the
+iteration exists already) and only then updates DIR/latest_checkpointed_iteration.txt, so a
+crash at any point leaves a complete checkpoint as the latest. `--keep-latest-k N` then deletes
+older checkpoints, never the one the tracker names. The state dict holds "model" (or "model0",
+"model1", ... with a virtual pipeline), "optimizer" (fully_reshardable, so TP/PP/DP may change
+on load), "opt_param_scheduler", "iteration", "rng_state" and "train_state" (data position and
+counters). RNG states are restored only when the parallel layout is unchanged.
+
+Transformer Engine modules carry `_extra_state` entries (FP8 scaling state) that the local
+backend has not: loading tolerates those, and only those, on either side, so checkpoints move
+between CPU (local) and GPU (TE) runs. Errors reading or writing a checkpoint (truncated
+files, permissions, a file where a directory belongs) become CheckpointFormatError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import queue
 import random
 import shutil
 import signal
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import checkpoint_format as fmt
 from . import optimizer_fixes
@@ -140,6 +154,75 @@ def _state_dict(
     return state
 
 
+# Where a save can be killed on purpose (tests: --inject-kill-during-save POINT), in order.
+CRASH_POINTS = (
+    "before-write",  # leftovers cleaned, staging directory created
+    "after-write",  # shards written, no fusedkv_run.json yet
+    "before-commit",  # everything written and fsynced, nothing renamed
+    "after-commit",  # the directory is in place, the tracker not yet moved
+    "after-tracker",  # the tracker moved, the replaced directory not yet deleted
+    "mid-retention",  # an old checkpoint renamed to *.deleting, not yet deleted
+)
+
+
+def _crash_hook(kill_at: str | None) -> Callable[[str], None]:
+    if kill_at is not None and kill_at not in CRASH_POINTS:
+        raise ValueError(f"unknown crash point {kill_at!r}; one of {CRASH_POINTS}")
+
+    def hook(point: str) -> None:
+        if point == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _os_reason(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    if isinstance(e, PermissionError):
+        return f"permission denied{where}"
+    if isinstance(e, NotADirectoryError | FileExistsError):
+        return f"a path component is a file, not a directory{where}"
+    return f"{e.strerror or e}{where}"
+
+
+def check_save_dir(save: str) -> None:
+    """Fail at start-up, not after hours of training, when --save cannot hold checkpoints:
+    create it if missing and try writing a file in it (every rank: each node must see it)."""
+    path = Path(save)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == path else f"is inside {p}, which is a file"
+            raise fmt.CheckpointFormatError(
+                f"--save {save} {what}, not a directory; pass a directory (created if missing)"
+            )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise fmt.CheckpointFormatError(
+            f"--save {save}: cannot write checkpoints there: {_os_reason(e)}; choose a "
+            "directory this job can create and write, or fix its permissions"
+        ) from None
+
+
+def _on_rank0(what: str, step: Callable[[], Any]) -> Any:
+    """Run `step` on rank 0 only (it owns the directory layout); an OSError there becomes a
+    CheckpointFormatError on every rank. Also a barrier."""
+    result, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            result = step()
+        except OSError as e:
+            error = f"{what}: {_os_reason(e)}"
+    message = [error]
+    torch.distributed.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise fmt.CheckpointFormatError(message[0])
+    return result
+
+
 def save_checkpoint(
     root: str,
     model_chunks,
@@ -149,23 +232,27 @@ def save_checkpoint(
     run_info: dict[str, Any],
     tokenizer_file: str | None,
     *,
-    kill_before_commit: bool = False,
+    keep_latest_k: int = 0,
+    kill_at: str | None = None,
 ) -> Path:
     """Write DIR/iter_XXXXXXX atomically and mark it as the latest. Collective (all ranks).
 
-    `kill_before_commit` (tests only) SIGKILLs the process once everything is written but
-    before the rename: the worst moment for a crash."""
+    `keep_latest_k` > 0 then deletes all but that many newest checkpoints (never the latest).
+    `kill_at` (tests only) SIGKILLs rank 0 at that point of CRASH_POINTS."""
     optimizer_fixes.apply()
     use_in_process_write_queue()
+    crash = _crash_hook(kill_at)
     iteration = train_state.iteration
-    final = fmt.iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank0 = torch.distributed.get_rank() == 0
-    if rank0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over by a save that crashed
-        tmp.mkdir(parents=True)
-    _barrier()
+    staged = fmt.staging_dir(root, iteration)
+
+    def prepare() -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        fmt.remove_leftovers(root)
+        staged.mkdir()
+        crash("before-write")
+
+    fix = "; free space or fix the permissions, or save elsewhere"
+    _on_rank0(f"--save {root}: cannot prepare {staged.name}", prepare)
     state = _state_dict(
         model_chunks,
         optimizer,
@@ -175,26 +262,86 @@ def save_checkpoint(
         with_optimizer=True,
         with_rng=True,
     )
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
-    if rank0:
-        fmt.write_run_info(tmp, {**run_info, "iteration": iteration})
+    try:
+        dist_checkpointing.save(state, str(staged))
+    except (CheckpointException, CheckpointingException, OSError) as e:
+        raise fmt.CheckpointFormatError(
+            f"--save {root}: writing {staged} failed: {_error_reason(e)}{fix}"
+        ) from None
+
+    def commit() -> list[int]:
+        crash("after-write")
+        fmt.write_run_info(staged, {**run_info, "iteration": iteration})
         if tokenizer_file:
-            shutil.copyfile(tokenizer_file, tmp / fmt.TOKENIZER_FILE)
-        if kill_before_commit:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if final.exists():  # the same iteration saved again (e.g. after a resume): replace it
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        fmt.write_latest_iteration(root, iteration)
-    _barrier()
+            shutil.copyfile(tokenizer_file, staged / fmt.TOKENIZER_FILE)
+        fmt.fsync_tree(staged)
+        crash("before-commit")
+        fmt.commit_iteration(root, iteration, crash)
+        return fmt.prune_iterations(root, keep_latest_k, crash)
+
+    pruned = _on_rank0(f"--save {root}: cannot commit iteration {iteration}{fix}", commit)
+    final = fmt.iteration_dir(root, iteration)
     _log(f"saved checkpoint of iteration {iteration} to {final}")
+    if pruned:
+        _log(f"deleted checkpoints of iterations {pruned} (--keep-latest-k {keep_latest_k})")
     return final
+
+
+def _error_reason(e: BaseException) -> str:
+    """One line about what went wrong, from the first failing rank of a CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _) = next(iter(sorted(e.failures.items())))
+        return f"rank {rank}: {_error_reason(inner)}"
+    if isinstance(e, OSError):
+        return _os_reason(e)
+    if isinstance(e, EOFError):
+        return "a file ends early (truncated)"
+    text = str(e).strip().splitlines()
+    return (f"{type(e).__name__}: {text[-1]}" if text else type(e).__name__)[:400]
+
+
+# What reading a damaged checkpoint raises (torch wraps per-rank errors in CheckpointException).
+_READ_ERRORS = (
+    CheckpointException,
+    CheckpointingException,
+    OSError,
+    EOFError,
+    pickle.UnpicklingError,
+)
+
+
+@contextlib.contextmanager
+def reading_checkpoint(ckpt: str | os.PathLike):
+    """Turn the errors of reading a damaged or incomplete checkpoint into CheckpointFormatError."""
+    try:
+        yield
+    except _READ_ERRORS as e:
+        ckpt = Path(ckpt)
+        raise fmt.CheckpointFormatError(
+            f"cannot read checkpoint {ckpt}: {_error_reason(e)}. Its files are damaged or "
+            "incomplete (a partial copy, a full disk?): copy it again, or resume from an "
+            f"earlier iter_* by writing its iteration into {ckpt.parent / fmt.TRACKER_FILE}"
+        ) from None
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] == "_extra_state"
+
+
+def _check_only_extra_state(ckpt: Path, keys, *, everywhere: bool = True) -> None:
+    """Refuse a mismatch between checkpoint and model other than TE's `_extra_state` entries.
+    With `everywhere`, ranks agree first (each rank sees only the keys it loads)."""
+    bad = sorted(k for k in keys if not _is_extra_state(k))
+    if everywhere and torch.distributed.get_world_size() > 1:
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, bad[:5])
+        bad = sorted({k for part in gathered for k in part})
+    if bad:
+        raise fmt.CheckpointFormatError(
+            f"{ckpt} does not match this model: {len(bad)} entries differ (e.g. "
+            f"{', '.join(bad[:5])}); it was written by another version of the model code. "
+            "Load it with the code that saved it, or start from scratch without --load"
+        )
 
 
 def resolve_load_dir(load: str, save: str | None) -> Path | None:
@@ -311,7 +458,8 @@ def load_checkpoint(
     )
     with_rng = load_rng and same_layout
     if load_optim:
-        _check_optimizer_kind(ckpt, optimizer)
+        with reading_checkpoint(ckpt):
+            _check_optimizer_kind(ckpt, optimizer)
     state = _state_dict(
         model_chunks,
         optimizer,
@@ -323,13 +471,21 @@ def load_checkpoint(
     )
     state["iteration"] = None
     state["train_state"] = None
-    loaded = dist_checkpointing.load(state, str(ckpt))
+    with reading_checkpoint(ckpt):
+        # Keys this model asks for that the checkpoint lacks come back as "unexpected" (and are
+        # not loaded) instead of failing the load: TE's _extra_state is allowed to be absent.
+        loaded, _, absent = dist_checkpointing.load(
+            state, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED
+        )
+    _check_only_extra_state(ckpt, absent)
     model_chunks = unwrap_model(model_chunks)
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    for name, chunk in zip(names, model_chunks, strict=True):
+        # strict=False only for _extra_state (absent in a checkpoint of the other backend)
+        result = chunk.load_state_dict(loaded[name], strict=False)
+        _check_only_extra_state(
+            ckpt, result.missing_keys + result.unexpected_keys, everywhere=False
+        )
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
