@@ -18,6 +18,7 @@ files, permissions, a file where a directory belongs) become CheckpointFormatErr
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import queue
@@ -312,7 +313,11 @@ _READ_ERRORS = (
 
 @contextlib.contextmanager
 def reading_checkpoint(ckpt: str | os.PathLike):
-    """Turn the errors of reading a damaged or incomplete checkpoint into CheckpointFormatError."""
+    """Turn the errors of reading a damaged or incomplete checkpoint into CheckpointFormatError.
+    torch's reader logs each failed metadata read with its traceback on the root logger; the
+    error below says it in one line, so those tracebacks are dropped."""
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_drop_dcp_tracebacks)
     try:
         yield
     except _READ_ERRORS as e:
@@ -322,6 +327,14 @@ def reading_checkpoint(ckpt: str | os.PathLike):
             "incomplete (a partial copy, a full disk?): copy it again, or resume from an "
             f"earlier iter_* by writing its iteration into {ckpt.parent / fmt.TRACKER_FILE}"
         ) from None
+    finally:
+        root_logger.removeFilter(_drop_dcp_tracebacks)
+
+
+def _drop_dcp_tracebacks(record: logging.LogRecord) -> bool:
+    if record.exc_info and f"{os.sep}checkpoint{os.sep}" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _is_extra_state(key: str) -> bool:
