@@ -1,5 +1,10 @@
 """Shared fixtures: a one-process gloo group with Megatron's parallel state, and a torchrun
-launcher for multi-process tests."""
+launcher for multi-process tests.
+
+Every test ends with only the world group left (`release_process_groups`), and the run fails if
+the pytest process ends with more than FUSEDKV_TEST_MAX_THREADS threads (default 48): each gloo
+group keeps three threads, so groups that outlive their test add up to thousands.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +59,75 @@ def megatron_tp1(dist_single):
     ps.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
     yield
-    ps.destroy_model_parallel()
+    release_process_groups()
+
+
+def release_process_groups() -> None:
+    """Destroy Megatron's parallel state and every process group except the world group.
+
+    Megatron's `destroy_model_parallel()` only drops its handles (0.19 even keeps two of them),
+    and a gloo group stops its threads only when torch.distributed destroys it and nothing
+    references it any more: the lru_cache on `RotaryEmbedding.forward` keeps its last 32
+    instances, with their context-parallel group, alive even after the world is destroyed.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:  # a test that never imported torch.distributed made no group
+        return
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core.models.common.embeddings.") and module is not None:
+            for cls in vars(module).values():
+                forward = getattr(cls, "forward", None) if isinstance(cls, type) else None
+                if hasattr(forward, "cache_clear"):
+                    forward.cache_clear()
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None:
+        ps.destroy_model_parallel()
+        for name, value in list(vars(ps).items()):
+            if isinstance(value, dist.ProcessGroup):
+                setattr(ps, name, None)
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    from torch.distributed.distributed_c10d import GroupMember, _world
+
+    for group in list(_world.pg_map):
+        if group is not GroupMember.WORLD:
+            dist.destroy_process_group(group)
+
+
+@pytest.fixture(autouse=True)
+def _only_the_world_group_outlives_a_test():
+    """Groups a test created (fixtures, in-process `pretrain.main`, converters) end with it."""
+    yield
+    release_process_groups()
+
+
+def thread_count() -> int:
+    """Threads of this process (Linux: one entry per thread in /proc/self/task)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # not Linux: no check
+        return 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when the pytest process ends holding more than a few dozen threads."""
+    limit = int(os.environ.get("FUSEDKV_TEST_MAX_THREADS", "48"))
+    count = thread_count()
+    line = f"pytest process threads at the end of the run: {count} (limit {limit})"
+    if count > limit:
+        line += (
+            ": tests leak threads (a gloo process group keeps 3); destroy the groups a test "
+            "creates, see release_process_groups in tests/conftest.py"
+        )
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.config._fusedkv_thread_line = (line, count > limit)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    line, failed = getattr(config, "_fusedkv_thread_line", (None, False))
+    if line:
+        terminalreporter.write_line(line, red=failed, bold=failed)
 
 
 def run_torchrun(script: Path, nproc: int, *args: str, timeout: int = 600) -> str:
