@@ -169,6 +169,7 @@ class Trainer:
         in_a_row = 0
         for chunk in rt.model:
             chunk.train()
+        self.reporter.start()
         while state.iteration < a.train_iters:
             time_up = (
                 a.exit_duration_in_mins is not None
@@ -205,7 +206,8 @@ class Trainer:
                 and state.iteration % a.eval_interval == 0
                 and state.iteration < a.train_iters
             ):
-                self.evaluate(self.valid_ds, "validation", state.iteration)
+                with self.reporter.excluded():  # throughput counts training only
+                    self.evaluate(self.valid_ds, "validation", state.iteration)
             periodic = a.save_interval and state.iteration % a.save_interval == 0
             exit_iter = a.exit_interval and state.iteration % a.exit_interval == 0
             reason = (
@@ -218,7 +220,8 @@ class Trainer:
                 else None
             )
             if a.save and (periodic or reason):
-                self.save_fn(state)
+                with self.reporter.excluded():
+                    self.save_fn(state)
             if reason:
                 return state, reason
         return state, "done"

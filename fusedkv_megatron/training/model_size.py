@@ -10,22 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..config import KVSharingConfig
 from ..fusion import fusion_parameter_count, layer_plans
-
-# Dense bf16 peak TFLOP/s per GPU (NVIDIA data sheets, without sparsity); used for MFU.
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "H800": 989.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "B200": 2250.0,
-    "GB200": 2500.0,
-}
+from .gpu_peaks import PEAK_BF16_TFLOPS, gpu_peak_tflops, peak_tflops  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -83,14 +70,3 @@ def flops_per_token(shape: ModelShape, kv: KVSharingConfig, seq_length: int) -> 
     attention = 2 * 2 * seq_length * shape.num_attention_heads * shape.kv_channels
     forward = 2 * matmul + shape.num_layers * attention
     return 3.0 * forward
-
-
-def peak_tflops() -> float | None:
-    """Dense bf16 peak of this GPU, None when unknown or on CPU."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if key in name:
-            return value
-    return None

@@ -6,10 +6,16 @@ parallelism). TensorBoard tags: "lm loss", "learning-rate", "grad-norm", "tokens
 "validation/ppl", "test/..." and, per reconstruction layer L and fusion weight W,
 "fusion/layer_L/W/{mean,std,abs_mean,min,max}"; on GPU also "tflops-per-gpu", "mfu",
 "memory-allocated-gb" and "memory-max-allocated-gb".
+
+Throughput and MFU count the training iterations only: the loop runs evaluation and checkpoint
+saves inside `Reporter.excluded()`, which the interval's timer leaves out. MFU divides by the
+dense bf16 peak of the GPU found by its exact name in gpu_peaks.py; for a GPU not there the log
+says once why there is no MFU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -91,6 +97,30 @@ def fusion_weight_stats(model_chunks) -> dict[str, float]:
     return out
 
 
+class IntervalTimer:
+    """Wall time since the last `restart()`, less the time spent inside `excluded()`."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self._start = self.clock()
+        self._excluded = 0.0
+
+    @contextlib.contextmanager
+    def excluded(self):
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self._excluded += self.clock() - t0
+
+    def elapsed(self) -> float:
+        return self.clock() - self._start - self._excluded
+
+
 class Reporter:
     """Accumulates per-iteration numbers between log intervals; prints and writes TensorBoard."""
 
@@ -98,6 +128,12 @@ class Reporter:
         self.args = args
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
+        self.timer = IntervalTimer()
+        self.no_mfu_reason = None
+        if peak_tflops is None and torch.cuda.is_available():
+            from .gpu_peaks import no_peak_reason
+
+            self.no_mfu_reason = no_peak_reason() or "no dense bf16 peak was given"
         self.writer = None
         if args.tensorboard_dir and is_log_rank():
             from torch.utils.tensorboard import SummaryWriter
@@ -108,8 +144,16 @@ class Reporter:
     def _reset(self) -> None:
         self.sums = defaultdict(float)
         self.counts = defaultdict(int)
-        self.interval_start = time.perf_counter()
+        self.timer.restart()
         self.iters = 0
+
+    def start(self) -> None:
+        """The first interval starts here (not when the reporter was built)."""
+        self.timer.restart()
+
+    def excluded(self):
+        """Context manager for evaluation and checkpoint saves: not counted as training time."""
+        return self.timer.excluded()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None and value is not None and math.isfinite(value):
@@ -138,7 +182,7 @@ class Reporter:
     ) -> None:
         """The progress line and TensorBoard scalars of the interval that ends at `iteration`."""
         a = self.args
-        elapsed = time.perf_counter() - self.interval_start
+        elapsed = self.timer.elapsed()
         ms = 1000.0 * elapsed / max(self.iters, 1)
         tokens_per_s = self.iters * a.global_batch_size * a.seq_length / max(elapsed, 1e-9)
         loss, gnorm = self._mean("loss"), self._mean("grad_norm")
@@ -168,6 +212,9 @@ class Reporter:
             if self.peak_tflops:
                 fields.append(f"MFU: {100 * tflops / self.peak_tflops:.1f}%")
                 scalars["mfu"] = tflops / self.peak_tflops
+            elif self.no_mfu_reason:
+                print_last(f"> MFU not reported: {self.no_mfu_reason}")
+                self.no_mfu_reason = None  # said once
             alloc = torch.cuda.memory_allocated() / 2**30
             peak = torch.cuda.max_memory_allocated() / 2**30
             fields.append(f"memory (GB): {alloc:.1f} allocated, {peak:.1f} max")
