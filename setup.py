@@ -33,6 +33,7 @@ setup(
             "fusedkv-pretrain=fusedkv_megatron.pretrain:main",
             "fusedkv-convert-hf=fusedkv_megatron.hf.convert:main_to_hf",
             "fusedkv-convert-megatron=fusedkv_megatron.hf.convert:main_to_megatron",
+            "fusedkv-plan=fusedkv_megatron.planner.cli:main",
         ]
     },
 )

@@ -7,15 +7,20 @@ sources for later layers; a reconstruction layer computes no K/V and builds them
 A source is `(layer_number, "k" | "v")`: the post-k-norm, post-RoPE key (or the value) of that
 layer, `[s, b, kv_heads, head_dim]`. Which sources are alive between two layers (published
 before, read after) is `live_sources`; it is what a pipeline boundary has to carry.
+
+The plans and the accounting import without torch (the memory planner runs on login nodes
+without it); the tensor functions reach torch through their arguments or a local import.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import KVSharingConfig
+
+if TYPE_CHECKING:
+    import torch
 
 Source = tuple[int, str]
 
@@ -53,7 +58,12 @@ def layer_plans(kv: KVSharingConfig, num_layers: int) -> list[LayerPlan]:
     v = kv.variant
     n = num_layers // 2
     plans: dict[int, LayerPlan] = {i: LayerPlan(i) for i in range(1, num_layers + 1)}
-    if v in ("fusedkv", "fusedkv_lite", "fusedkv_lite_learnable", "yoco"):
+    if v == "dense_probe":  # every storage layer is a source of every top layer (the probe)
+        storage = tuple(range(1, n + 1))
+        key, value = _terms("k", storage, True), _terms("v", storage, True)
+        for i in range(n + 1, num_layers + 1):
+            plans[i] = LayerPlan(i, key, value)
+    elif v in ("fusedkv", "fusedkv_lite", "fusedkv_lite_learnable", "yoco"):
         bottom, middle = kv.sources(num_layers)
         if v == "fusedkv":
             key, value = _terms("k", (bottom, middle), True), _terms("v", (bottom, middle), True)
@@ -92,7 +102,7 @@ def expand_key_weight(weight: torch.Tensor, rotary_interleaved: bool) -> torch.T
     """
     if rotary_interleaved:
         return weight.repeat_interleave(2, dim=-1)
-    return torch.cat([weight, weight], dim=-1)
+    return weight.repeat(*([1] * (weight.dim() - 1)), 2)  # [w, w] along the last dim
 
 
 def fuse(sources: list[torch.Tensor], weights: list[torch.Tensor | None]) -> torch.Tensor:
@@ -108,9 +118,14 @@ def init_fusion_weight(
     weight: torch.Tensor, kv: KVSharingConfig, term: Term, plan: LayerPlan
 ) -> None:
     """Fill one fusion vector in place per `kv.fusion_init`."""
+    import torch
+
     with torch.no_grad():
         if kv.fusion_init == "normal":
             weight.normal_(0.0, 1.0)
+            return
+        if kv.fusion_init == "uniform":  # the mean of the sources: none favoured
+            weight.fill_(1.0 / len(plan.key if term.source[1] == "k" else plan.value))
             return
         # "lite": reproduce FusedKV-Lite at step 0 (K from the middle layer, V from the bottom).
         layers = [t.source[0] for t in (plan.key if term.source[1] == "k" else plan.value)]
@@ -124,7 +139,8 @@ def fusion_parameter_count(
     """Parameters the fusion adds to the whole model.
 
     fusedkv: (L/2) * G * (2 * d/2 + 2 * d) = 1.5 * L * G * d, with G = KV heads (1 when the
-    weights are shared across heads); fusedkv_lite_learnable: (L/2) * G * (d/2 + d).
+    weights are shared across heads); fusedkv_lite_learnable: (L/2) * G * (d/2 + d);
+    dense_probe: (L/2) * G * (L/2) * (d/2 + d).
     """
     groups = num_query_groups if kv.weights_per_head else 1
     total = 0

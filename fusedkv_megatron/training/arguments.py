@@ -269,9 +269,12 @@ def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     return argv
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse YAML (--config) then the command line; flags override the YAML."""
-    parser = build_parser()
+def parse_args(
+    argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """Parse YAML (--config) then the command line; flags override the YAML. `parser` is
+    build_parser() or an extension of it (fusedkv-plan adds its machine flags)."""
+    parser = parser or build_parser()
     first, _ = parser.parse_known_args(argv)
     cli = list(argv) if argv is not None else None
     if first.config:

@@ -29,6 +29,7 @@ from megatron.core.transformer.module import Float16Module
 
 from .. import KVSharingConfig, build_model, qwen3_config
 from . import optimizer_fixes
+from .model_size import padded_vocab  # one padding rule for the trainer and the planner
 from .tokenizer import build_tokenizer
 
 # Fusion weights get no weight decay (our choice, docs/model.md); norms and biases neither.
@@ -85,12 +86,6 @@ def set_seeds(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's padding: a multiple of make-vocab-size-divisible-by x TP."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def kv_sharing_config(args) -> KVSharingConfig:

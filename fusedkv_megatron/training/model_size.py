@@ -4,6 +4,7 @@ The analytic count lets configs be sized without building the model (a 4B model 
 a test machine); tests check it equals the built model's count for every variant. FLOPs are
 model FLOPs (what MFU is measured against): 2 per multiply-add of every matmul, attention over
 the full (causal, not halved) sequence as in Megatron-LM's accounting, backward = 2x forward.
+Imports without torch: the memory planner (fusedkv_megatron.planner) builds on it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ class ModelShape:
         )
 
 
+def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding: a multiple of make-vocab-size-divisible-by x TP."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
 def _layer_matmul_params(shape: ModelShape, reconstruction: bool) -> int:
     h, d = shape.hidden_size, shape.kv_channels
     q, kv = shape.num_attention_heads * d, shape.num_query_groups * d
@@ -61,12 +68,34 @@ def parameter_count(shape: ModelShape, kv: KVSharingConfig, with_embeddings: boo
     return total
 
 
-def flops_per_token(shape: ModelShape, kv: KVSharingConfig, seq_length: int) -> float:
-    """Training model FLOPs per token (forward + backward)."""
+@dataclass(frozen=True)
+class ForwardFlops:
+    """Forward model FLOPs per token, by part."""
+
+    layer_matmuls: float  # projections and MLPs of every layer
+    attention: float  # scores and weighted sum of every layer (full sequence)
+    output_layer: float
+
+    @property
+    def total(self) -> float:
+        return self.layer_matmuls + self.attention + self.output_layer
+
+
+def forward_flops_per_token(
+    shape: ModelShape, kv: KVSharingConfig, seq_length: int
+) -> ForwardFlops:
+    """Forward model FLOPs per token: 2 per multiply-add."""
     matmul = sum(
         _layer_matmul_params(shape, p.is_reconstruction) for p in layer_plans(kv, shape.num_layers)
     )
-    matmul += shape.vocab_size * shape.hidden_size  # output layer
     attention = 2 * 2 * seq_length * shape.num_attention_heads * shape.kv_channels
-    forward = 2 * matmul + shape.num_layers * attention
-    return 3.0 * forward
+    return ForwardFlops(
+        2.0 * matmul,
+        float(shape.num_layers * attention),
+        2.0 * shape.vocab_size * shape.hidden_size,
+    )
+
+
+def flops_per_token(shape: ModelShape, kv: KVSharingConfig, seq_length: int) -> float:
+    """Training model FLOPs per token (forward + backward)."""
+    return 3.0 * forward_flops_per_token(shape, kv, seq_length).total

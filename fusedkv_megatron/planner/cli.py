@@ -1,0 +1,191 @@
+"""`fusedkv-plan`: will a training run fit its GPUs, and how fast will it go?
+
+    fusedkv-plan --config examples/configs/4b.yaml --gpus-per-node 8 --nodes 16 --gpu-memory 80
+    fusedkv-plan --config examples/configs/4b.yaml --gpus-per-node 8 --nodes 16 --gpu-memory 80 --search
+
+The model, parallel and batch flags are fusedkv-pretrain's (same names, same YAML, checked by
+the trainer's own argument rules); the machine flags are added here. Data and tokenizer flags
+are accepted and ignored, except --vocab-size (default: the paper's 128000). Exit codes: 0 the
+layout fits (or --search found layouts), 1 it does not (none found), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+from ..config import KVSharingConfig, KVSharingError
+from ..training.arguments import ArgumentError, build_parser, parse_args, validate_args
+from ..training.model_size import PEAK_BF16_TFLOPS, ModelShape, parameter_count
+from .layout import GiB, Job, Layout, Machine, PlanError
+from .search import Plan, plan, search
+
+PAPER_VOCAB = 128_000
+
+
+def planner_parser() -> argparse.ArgumentParser:
+    p = build_parser()
+    p.prog = "fusedkv-plan"
+    p.description = (
+        "Predict per-GPU memory and throughput of a fusedkv-pretrain run (plain Python, no GPU)."
+    )
+    g = p.add_argument_group("machine")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="per GPU, GiB")
+    g.add_argument(
+        "--gpu-kind",
+        default="H100",
+        help=f"for the bf16 peak: {', '.join(PEAK_BF16_TFLOPS)} (default H100)",
+    )
+    g.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=4.0,
+        help="memory kept free for the CUDA context, NCCL and fragmentation (default 4 GiB)",
+    )
+    g = p.add_argument_group("planner")
+    g.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation")
+    g.add_argument("--search", action="store_true", help="list the layouts that fit, best first")
+    g.add_argument("--top", type=int, default=15, help="--search: rows to show (default 15)")
+    g.add_argument(
+        "--norm-impl",
+        choices=("fused", "composite"),
+        default="fused",
+        help="fused: TE / CUDA norms keep the bf16 input (GPU, default); composite: torch's "
+        "RMSNorm as it runs on CPU keeps fp32 copies",
+    )
+    return p
+
+
+def trainer_view(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """The arguments as fusedkv-pretrain would derive them for `world_size` processes (the
+    trainer's own rules and defaults); data, tokenizer and hardware checks are neutralised."""
+    a = copy.copy(args)
+    a.mock_data, a.data_path = True, None
+    a.train_data_path = a.valid_data_path = a.test_data_path = None
+    a.tokenizer_type, a.tokenizer_model = "NullTokenizer", None
+    a.vocab_size = args.vocab_size or PAPER_VOCAB
+    a.fp8_format, a.skip_train = None, False
+    if hasattr(a, "transformer_impl"):
+        a.transformer_impl = "local"
+    return validate_args(a, world_size=world_size, cuda=False)
+
+
+def job_and_layout(args: argparse.Namespace, world_size: int) -> tuple[Job, Layout]:
+    """A validated trainer namespace -> the planner's Job and Layout."""
+    a = trainer_view(args, world_size)
+    shape = ModelShape.from_args(a, a.vocab_size)
+    kv = KVSharingConfig(
+        variant=a.kv_sharing,
+        source_layers=tuple(a.kv_source_layers) if a.kv_source_layers else None,
+        weights_per_head=not a.shared_fusion_weights,
+        fusion_init=a.fusion_init,
+    )
+    precision = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
+    job = Job(shape, kv, a.seq_length, precision, a.make_vocab_size_divisible_by)
+    layout = Layout(
+        tp=a.tensor_model_parallel_size,
+        pp=a.pipeline_model_parallel_size,
+        dp=a.data_parallel_size,
+        vpp=a.virtual_pipeline_model_parallel_size,
+        sequence_parallel=a.sequence_parallel,
+        micro_batch_size=a.micro_batch_size,
+        num_microbatches=a.num_microbatches,
+        recompute=a.recompute_granularity or "none",
+        recompute_method=a.recompute_method or "uniform",
+        recompute_num_layers=a.recompute_num_layers or 1,
+        distributed_optimizer=a.use_distributed_optimizer,
+        first_stage_layers=getattr(a, "num_layers_in_first_pipeline_stage", None),
+        last_stage_layers=getattr(a, "num_layers_in_last_pipeline_stage", None),
+    )
+    return job, layout
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f}"
+
+
+def describe_plan(p: Plan) -> str:
+    """A readable report of one plan: model, machine, per-rank memory, throughput, verdict."""
+    j, lay, m = p.job, p.layout, p.machine
+    s = j.padded_shape(lay)
+    lines = [
+        f"model: {j.kv.variant}, {s.num_layers} layers, hidden {s.hidden_size}, ffn "
+        f"{s.ffn_hidden_size}, heads {s.num_attention_heads}/{s.num_query_groups} KV x "
+        f"{s.kv_channels}, vocab {s.vocab_size} (padded), "
+        f"{parameter_count(s, j.kv) / 1e6:.1f}M parameters; seq {j.seq_length}, "
+        f"global batch {lay.global_batch_size}, {j.precision}",
+        f"machine: {m.nodes} node(s) x {m.gpus_per_node} {m.gpu_kind} ({m.gpu_memory_gb:g} GiB, "
+        f"{m.reserve_gb:g} reserved -> {gib(m.usable_bytes)} usable); bf16 peak "
+        f"{m.peak_tflops:g} TFLOP/s, MFU {p.speed.mfu:.0%} assumed",
+        f"layout: {lay.describe()}{'' if lay.distributed_optimizer else ' (no distributed optimizer)'}",
+        "per GPU, GiB:  pp rank  params(M)  weights  grads  optim  activations (held)  "
+        "transient  peak",
+    ]
+    for r in p.ranks:
+        lines.append(
+            f"               {r.pp_rank:>7}  {r.parameters / 1e6:>9.1f}  {gib(r.weights):>7}  "
+            f"{gib(r.gradients):>5}  {gib(r.optimizer):>5}  {gib(r.activations):>11} "
+            f"({r.in_flight:>2} mb)  {gib(r.transient):>9}  {gib(r.peak):>4}"
+        )
+    sp = p.speed
+    verdict = "fits" if p.fits else "DOES NOT FIT"
+    lines += [
+        f"peak per GPU: {gib(p.peak)} GiB of {gib(m.usable_bytes)} usable -> {verdict}",
+        f"throughput: {sp.model_flops_per_step:.3e} model FLOPs/step, step {sp.step_time_s:.2f} s, "
+        f"{sp.tokens_per_s:,.0f} tokens/s (pipeline bubble +{sp.bubble:.0%}, recompute "
+        f"+{sp.recompute:.0%})",
+    ]
+    return "\n".join(lines)
+
+
+def search_table(plans: list[Plan], top: int) -> str:
+    """The ranked layouts as a table."""
+    head = (
+        " #  TP  SP  PP  VPP   DP  mbs    m  recompute  peak GiB  step s  tokens/s\n"
+        "--  --  --  --  ---  ---  ---  ---  ---------  --------  ------  ---------"
+    )
+    rows = [head]
+    for i, p in enumerate(plans[:top], 1):
+        lay = p.layout
+        rows.append(
+            f"{i:>2}  {lay.tp:>2}  {'on' if lay.sequence_parallel else '- ':>2}  {lay.pp:>2}  "
+            f"{lay.vpp or 1:>3}  {lay.dp:>3}  {lay.micro_batch_size:>3}  "
+            f"{lay.num_microbatches:>3}  {lay.recompute:>9}  {gib(p.peak):>8}  "
+            f"{p.speed.step_time_s:>6.2f}  {p.speed.tokens_per_s:>9,.0f}"
+        )
+    if len(plans) > top:
+        rows.append(f"... {len(plans) - top} more (--top N)")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = planner_parser()
+    try:
+        args = parse_args(argv, parser)
+        machine = Machine(
+            args.gpus_per_node, args.nodes, args.gpu_memory, args.gpu_kind, args.reserve_gb
+        )
+        job, layout = job_and_layout(args, machine.gpus)
+        machine.peak_tflops  # noqa: B018  (an unknown GPU kind fails here, named)
+        given = plan(job, layout, machine, args.mfu, args.norm_impl)
+    except (ArgumentError, PlanError, KVSharingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe_plan(given))
+    if not args.search:
+        return 0 if given.fits else 1
+    found = search(job, machine, layout.global_batch_size, layout, args.mfu, args.norm_impl)
+    print(
+        f"\nlayouts that fit {machine.nodes} x {machine.gpus_per_node} x "
+        f"{args.gpu_memory:g} GiB at global batch {layout.global_batch_size}, best estimated "
+        f"throughput first (ties: less model parallelism):"
+    )
+    print(search_table(found, args.top) if found else "none")
+    return 0 if found else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
