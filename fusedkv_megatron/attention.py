@@ -30,6 +30,7 @@ from torch import Tensor
 from .config import KVSharingConfig
 from .fusion import LayerPlan, Source, expand_key_weight, fuse, init_fusion_weight
 from .kernels import fused_attention_applies, reconstruction_attention
+from .kernels.core_attention import SDPAAttention
 from .pipeline import SourcePayload
 
 _UNSUPPORTED = ("inference_context", "inference_params", "rotary_pos_cos", "rotary_pos_sin")
@@ -289,13 +290,29 @@ class ReconstructionAttention(_AttendMixin, Attention):
                 "build the model with fusedkv_megatron.build_model / the FusedKV block spec"
             )
         q_emb, _ = _split_rope(rotary_pos_emb)
-        if fused_attention_applies(self, hidden_states, self.attention_backend):
-            query = self._rotate(self.get_query(hidden_states), q_emb)
-            return self._fused_attention(query, sources), {}
-        query, key, value = self.get_query_key_value_tensors(hidden_states, sources)
+        query = self.get_query(hidden_states)
+        read = [sources[s] for s in self.plan.reads]
+        # The query's dtype decides (fp32 residuals or autocast leave hidden_states in fp32).
+        if fused_attention_applies(self, query, self.attention_backend, read):
+            return self._fused_attention(self._rotate(query, q_emb), sources), {}
+        key, value = self.reconstruct(sources)
+        if not isinstance(self.core_attention, SDPAAttention):
+            key, value = owned(key), owned(value)
         query = self._rotate(query, q_emb)  # the fused key is already rotated: never again
         out = self._attend(query, key, value, attention_mask, attention_bias, packed_seq_params)
         return out, {}
+
+
+def owned(x: Tensor) -> Tensor:
+    """`x` if it is a contiguous tensor that owns its whole storage, else a contiguous copy.
+
+    An unweighted single-source K or V (Lite, YOCO, CLA) is a view into the stacked sources of
+    `context`; Transformer Engine infers the qkv layout from storage offsets and strides and
+    rejects such views ("The provided qkv memory layout is not supported!"). `.contiguous()`
+    is a no-op on them, so copy."""
+    storage = x.untyped_storage()
+    whole = storage.data_ptr() == x.data_ptr() and storage.nbytes() == x.numel() * x.element_size()
+    return x if whole and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
 
 
 class KVSharingTransformerLayer(TransformerLayer):

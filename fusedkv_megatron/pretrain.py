@@ -23,6 +23,7 @@ def _startup_report(rt, run_info) -> None:
 
     from .fusion import kv_cache_bytes_per_token
     from .pipeline import boundary_bytes
+    from .spec import describe_attention
     from .training.reporting import print_first
 
     a, rt_model = rt.args, rt.model
@@ -53,6 +54,9 @@ def _startup_report(rt, run_info) -> None:
         f"{a.global_batch_size} = micro {a.micro_batch_size} x DP x {a.num_microbatches} "
         f"microbatches"
     )
+    use_te = a.transformer_impl == "transformer_engine"
+    for line in describe_attention(rt.config, rt.kv, use_te, rt.device.type == "cuda"):
+        print_first(line)
     if a.pipeline_model_parallel_size > 1:
         for b in boundary_bytes(rt.config, rt.kv, a.micro_batch_size, a.seq_length):
             print_first(

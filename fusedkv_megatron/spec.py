@@ -2,13 +2,16 @@
 
 `get_fusedkv_decoder_block_spec(config, kv_sharing)` returns the TransformerBlockSubmodules of
 the current pipeline stage (sliced like Megatron's own `get_gpt_decoder_block_spec`). The
-Transformer Engine backend is used when TE imports and CUDA is present, the local (torch)
-backend otherwise; both go through the same `BackendSpecProvider` calls.
+Transformer Engine backend is used when asked for (`use_transformer_engine=True`, the
+trainer's `--transformer-impl transformer_engine`) or, by default, when TE imports and CUDA is
+present; the local (torch) backend otherwise. Both go through the same `BackendSpecProvider`
+calls. `describe_attention` says which attention path each kind of layer takes, and why.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -42,15 +45,46 @@ from .pipeline import mark_stage_edges
 
 
 @functools.cache
-def transformer_engine_available() -> bool:
-    """TE is used only if `transformer_engine.pytorch` really imports and CUDA is present."""
-    if not torch.cuda.is_available():
-        return False
+def transformer_engine_import_error() -> str | None:
+    """None if `transformer_engine.pytorch` imports, else the error it raised (type: message)."""
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:
+    except Exception as err:  # a broken install raises more than ImportError
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def transformer_engine_installed() -> bool:
+    """Whether a `transformer_engine` package is on the path (it may still fail to import)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_engine_available() -> bool:
+    """TE is usable only if `transformer_engine.pytorch` really imports and CUDA is present."""
+    return torch.cuda.is_available() and transformer_engine_import_error() is None
+
+
+def resolve_transformer_engine(use_transformer_engine: bool | None) -> bool:
+    """Whether to build with TE. None (auto): TE where CUDA is present and TE imports; a TE
+    that is installed but fails to import is an error, not a silent fallback. True: TE, or an
+    error naming why it cannot be used."""
+    if use_transformer_engine is False:
         return False
-    return True
+    cuda = torch.cuda.is_available()
+    if use_transformer_engine is None and not (cuda and transformer_engine_installed()):
+        return False
+    error = transformer_engine_import_error()
+    if error is None and cuda:
+        return True
+    why = "; ".join(
+        ([] if cuda else ["no CUDA device (Transformer Engine needs one)"])
+        + ([] if error is None else [f"'import transformer_engine.pytorch' fails: {error}"])
+    )
+    raise RuntimeError(
+        f"Transformer Engine cannot be used: {why}. Install a working Transformer Engine "
+        "(pip install -e '.[te]' on a GPU machine) or build with the local backend "
+        "(--transformer-impl local, use_transformer_engine=False)"
+    )
 
 
 class TorchNorm:
@@ -72,9 +106,8 @@ class TorchNorm:
 
 
 def get_backend(use_transformer_engine: bool | None = None) -> BackendSpecProvider:
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
-    if use_transformer_engine:
+    """Megatron's TE or local spec provider (see `resolve_transformer_engine`)."""
+    if resolve_transformer_engine(use_transformer_engine):
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         return TESpecProvider()
@@ -211,3 +244,74 @@ def get_fusedkv_decoder_block_spec(
     backend = get_backend(use_transformer_engine)
     final_norm, _ = _norms(backend, config)
     return TransformerBlockSubmodules(layer_specs=local, layer_norm=final_norm)
+
+
+def _span(layers: list[int]) -> str:
+    """1,2,3,4 -> "1-4"; 2,4,6,8 -> "2,4,...,8"; else the list."""
+    if len(layers) > 2 and all(b - a == 1 for a, b in zip(layers, layers[1:], strict=False)):
+        return f"{layers[0]}-{layers[-1]}"
+    if len(layers) > 3 and len({b - a for a, b in zip(layers, layers[1:], strict=False)}) == 1:
+        return f"{layers[0]},{layers[1]},...,{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def _fused_path(config: TransformerConfig, plan: LayerPlan, cuda: bool, backend: str | None):
+    """(uses the Triton kernel, why) for a reconstruction layer while training, as
+    `kernels.fused_attention_applies` decides at run time with q in the config's dtype."""
+    from . import kernels
+
+    choice = kernels.requested_backend(backend)
+    if choice == "torch":
+        return False, f"{kernels.BACKEND_ENV}=torch"
+    if not cuda:
+        return False, "no CUDA device: the Triton kernels run on GPUs"
+    if not kernels.triton_available():
+        return False, "triton does not import"
+    head_dim = config.kv_channels
+    blockers = kernels.fused_kernel_blockers(config, head_dim, plan)
+    if blockers:
+        raise_note = " (forced triton would raise)" if choice == "triton" else ""
+        return False, "; ".join(blockers) + raise_note
+    dtype = "bf16" if config.bf16 else "fp16" if config.fp16 else "fp32"
+    if dtype == "fp32" and choice != "triton":
+        return False, "fp32 -> materialised (the kernel's dots would run in TF32)"
+    from .kernels.triton_common import padded_head_dim
+
+    tiles = padded_head_dim(head_dim)
+    width = f"head dim {head_dim} ok" + (f" ({tiles}-wide tiles)" if tiles != head_dim else "")
+    return True, f"{width}, {dtype}, CUDA"
+
+
+def describe_attention(
+    config: TransformerConfig,
+    kv_sharing: KVSharingConfig,
+    use_transformer_engine: bool,
+    cuda: bool,
+    backend: str | None = None,
+) -> list[str]:
+    """Start-up lines: the backend, and for each kind of layer its attention path (Triton
+    fused, TE, SDPA, materialised) and why. `backend` is the kernels' backend choice (default:
+    the FUSEDKV_ATTENTION_BACKEND environment variable)."""
+    core = "TE DotProductAttention" if use_transformer_engine else "SDPA"
+    if use_transformer_engine:
+        why = "Transformer Engine: TE linears, norms and core attention"
+    elif cuda:
+        why = "local: torch modules, SDPA core attention (--transformer-impl local)"
+    else:
+        why = "local: torch modules, SDPA core attention (no CUDA device; TE needs one)"
+    lines = [f"> backend: {why}"]
+    plans = layer_plans(kv_sharing, config.num_layers)
+    own = [p.layer_number for p in plans if not p.is_reconstruction]
+    if own:
+        lines.append(f"> attention, layers {_span(own)} (own K/V): {core}")
+    recon = [p for p in plans if p.is_reconstruction]
+    if recon:
+        fused, why = _fused_path(config, recon[0], cuda, backend)
+        sources = sorted({s for p in recon for s in p.reads})
+        names = ", ".join(f"{kind.upper()}{layer}" for layer, kind in sources)
+        path = "Triton fused" if fused else f"materialised K/V, then {core}"
+        lines.append(
+            f"> attention, layers {_span([p.layer_number for p in recon])} (K/V from sources "
+            f"{names}): {path} ({why})"
+        )
+    return lines

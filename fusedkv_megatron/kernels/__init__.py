@@ -25,6 +25,7 @@ from .reference import reconstruction_attention_reference, reconstruction_decode
 
 BACKEND_ENV = "FUSEDKV_ATTENTION_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
+HEAD_DIMS = tuple(range(16, 257, 16))  # what the fused kernels take (padded tiles)
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -116,47 +117,71 @@ def reconstruction_decode(
     )
 
 
-def _unsupported(module) -> list[str]:
-    """Why the fused kernel cannot run this reconstruction layer (empty if it can)."""
-    cfg = module.config
+def head_dim_supported(head_dim: int) -> bool:
+    """The fused kernels take head dims that are multiples of 16 up to 256 (padded tiles)."""
+    return head_dim in HEAD_DIMS
+
+
+def fused_kernel_blockers(
+    config, head_dim: int, plan, training: bool = True, attn_mask_type="causal"
+) -> list[str]:
+    """Why the fused kernel cannot run a reconstruction layer of `plan` under the Megatron
+    `config` (empty if it can). Independent of the device and dtype (see fused_attention_applies)."""
     why = []
-    if module.training and cfg.attention_dropout > 0:
-        why.append(f"attention_dropout={cfg.attention_dropout} (the kernel has no dropout)")
-    if cfg.context_parallel_size != 1:
-        why.append(f"context_parallel_size={cfg.context_parallel_size}")
-    if getattr(module.attn_mask_type, "name", module.attn_mask_type) != "causal":
-        why.append(f"attn_mask_type={module.attn_mask_type} (causal only)")
-    if cfg.softmax_type != "vanilla" or cfg.window_size is not None:
-        why.append(f"softmax_type={cfg.softmax_type!r}, window_size={cfg.window_size}")
-    head_dim = module.hidden_size_per_attention_head
-    if head_dim not in (16, 32, 64, 128):
-        why.append(f"head_dim={head_dim} (16, 32, 64 or 128)")
-    if len(module.plan.key) > 2 or len(module.plan.value) > 2:
+    if training and config.attention_dropout > 0:
+        why.append(f"attention_dropout={config.attention_dropout} (the kernel has no dropout)")
+    if config.context_parallel_size != 1:
+        why.append(f"context_parallel_size={config.context_parallel_size}")
+    if getattr(attn_mask_type, "name", attn_mask_type) != "causal":
+        why.append(f"attn_mask_type={attn_mask_type} (causal only)")
+    if config.softmax_type != "vanilla" or config.window_size is not None:
+        why.append(f"softmax_type={config.softmax_type!r}, window_size={config.window_size}")
+    if not head_dim_supported(head_dim):
+        why.append(f"head_dim={head_dim} (a multiple of 16 up to 256)")
+    if len(plan.key) > 2 or len(plan.value) > 2:
         why.append("more than two sources for K or V")
     return why
 
 
-def fused_attention_applies(module, x: Tensor, backend: str | None = None) -> bool:
-    """Whether a ReconstructionAttention `module` runs the Triton kernel on inputs like `x`:
-    auto picks it on CUDA for fp16/bf16 activations when the layer is supported (else the
-    materializing path; fp32 would make the kernel's dots TF32); a forced `triton` raises on
-    an unsupported layer."""
-    if not use_triton(x, backend):
+def _unsupported(module) -> list[str]:
+    return fused_kernel_blockers(
+        module.config,
+        module.hidden_size_per_attention_head,
+        module.plan,
+        module.training,
+        module.attn_mask_type,
+    )
+
+
+def fused_attention_applies(
+    module, q: Tensor, backend: str | None = None, sources: list[Tensor] = ()
+) -> bool:
+    """Whether a ReconstructionAttention `module` runs the Triton kernel for the query `q`
+    (and the source tensors it would read): auto picks it on CUDA when q is fp16/bf16, the
+    sources have q's dtype and the layer is supported (else the materializing path; fp32 would
+    make the kernel's dots TF32); a forced `triton` raises on an unsupported layer."""
+    if not use_triton(q, backend):
         return False
     why = _unsupported(module)
+    mixed = sorted({str(x.dtype) for x in sources if x.dtype != q.dtype})
+    if mixed:
+        why.append(f"sources in {', '.join(mixed)} but the query in {q.dtype}")
     forced = requested_backend(backend) == "triton"
     if why and forced:
         raise RuntimeError(
             f"{BACKEND_ENV}=triton, but layer {module.layer_number} cannot use the fused "
             f"kernel: {'; '.join(why)}. Use auto or torch for this configuration"
         )
-    return not why and (forced or x.dtype in (torch.float16, torch.bfloat16))
+    return not why and (forced or q.dtype in (torch.float16, torch.bfloat16))
 
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
+    "HEAD_DIMS",
     "fused_attention_applies",
+    "fused_kernel_blockers",
+    "head_dim_supported",
     "reconstruction_attention",
     "reconstruction_attention_reference",
     "reconstruction_decode",

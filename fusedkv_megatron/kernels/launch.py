@@ -8,9 +8,12 @@ remembers the configuration that worked.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+import torch
 
 try:  # the exception Triton raises for shared-memory overflow
     from triton.runtime.errors import OutOfResources
@@ -46,9 +49,14 @@ class KernelConfig:
 _working: dict[tuple[str, int], KernelConfig] = {}
 
 
+def recorded(kind: str, head_dim: int) -> KernelConfig | None:
+    """The configuration a step-down found for `(kind, head_dim)`, if one happened."""
+    return _working.get((kind, head_dim))
+
+
 def pick(table: dict[int, KernelConfig], head_dim: int, kind: str) -> KernelConfig:
-    """The GPU configuration for `kind` at `head_dim`: a recorded step-down, else the table's
-    entry for the smallest listed head_dim >= it (the largest listed one otherwise)."""
+    """The GPU configuration for `kind` at (padded) `head_dim`: a recorded step-down, else the
+    table's entry for the smallest listed head_dim >= it (the largest listed one otherwise)."""
     if (kind, head_dim) in _working:
         return _working[(kind, head_dim)]
     listed = sorted(table)
@@ -61,14 +69,23 @@ def launch(
     head_dim: int,
     cfg: KernelConfig,
     build: Callable[[KernelConfig], tuple[tuple, tuple, dict]],
+    device: torch.device | None = None,
 ) -> KernelConfig:
-    """Run `kernel[grid](*args, **meta)` with `(grid, args, meta) = build(cfg)`, stepping down
-    the configuration on a resource overflow (and remembering it). Returns what ran."""
+    """Run `kernel[grid](*args, **meta)` with `(grid, args, meta) = build(cfg)` on `device`
+    (the tensors' device: Triton launches on the current CUDA device), stepping down the
+    configuration on a resource overflow (and remembering it under `(kind, head_dim)`).
+    Returns what ran."""
     first = cfg
+    on_device = (
+        torch.cuda.device(device)
+        if device is not None and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     while True:
         grid, args, meta = build(cfg)
         try:
-            kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            with on_device:
+                kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         except OutOfResources as err:
             smaller = cfg.smaller()
             if smaller is None:
@@ -84,4 +101,4 @@ def launch(
         return cfg
 
 
-__all__ = ["KernelConfig", "launch", "pick"]
+__all__ = ["KernelConfig", "launch", "pick", "recorded"]

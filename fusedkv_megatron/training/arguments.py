@@ -20,6 +20,7 @@ from ..config import VARIANTS
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 
 class ArgumentError(ValueError):
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="FP8 through Transformer Engine (needs TE and a GPU)",
     )
     g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed")
+    g.add_argument(
+        "--transformer-impl",
+        choices=TRANSFORMER_IMPLS,
+        default=None,
+        help="Megatron-LM's flag: transformer_engine (its default, needs TE and CUDA) or local "
+        "(torch modules, SDPA attention); default transformer_engine with CUDA, local without",
+    )
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
@@ -289,6 +297,32 @@ def _positive(args, *names) -> None:
             raise ArgumentError(f"--{name.replace('_', '-')}={value} must be > 0")
 
 
+def _check_transformer_impl(args: argparse.Namespace, cuda: bool) -> None:
+    """Resolve the default (Megatron-LM's transformer_engine where CUDA is; local without) and
+    refuse Transformer Engine where it cannot run, naming the import error."""
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if cuda else "local"
+        given = "the default with CUDA"
+    else:
+        given = "asked for"
+    if args.transformer_impl != "transformer_engine":
+        return
+    if not cuda:
+        raise ArgumentError(
+            "--transformer-impl transformer_engine needs a CUDA GPU and none is visible; use "
+            "--transformer-impl local"
+        )
+    from ..spec import transformer_engine_import_error
+
+    error = transformer_engine_import_error()
+    if error is not None:
+        raise ArgumentError(
+            f"--transformer-impl transformer_engine ({given}), but 'import "
+            f"transformer_engine.pytorch' fails: {error}. Install a working Transformer Engine "
+            "(pip install -e '.[te]') or pass --transformer-impl local"
+        )
+
+
 def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argparse.Namespace:
     """Check flag combinations against the world size; fill derived values in place."""
     _positive(
@@ -314,14 +348,13 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         raise ArgumentError(f"--eval-iters={args.eval_iters} must be >= 0 (0 disables evaluation)")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are both set; choose one")
+    _check_transformer_impl(args, cuda)
     if args.fp8_format is not None:
-        from ..spec import transformer_engine_available
-
-        if not transformer_engine_available():
+        if args.transformer_impl != "transformer_engine":
             raise ArgumentError(
-                f"--fp8-format {args.fp8_format} needs Transformer Engine on a CUDA GPU "
-                f"(cuda available: {cuda}); install it with pip install -e '.[te]' on a GPU "
-                "machine, or drop --fp8-format/--fp8-recipe"
+                f"--fp8-format {args.fp8_format} needs --transformer-impl transformer_engine "
+                f"(Transformer Engine on a CUDA GPU; cuda available: {cuda}); drop "
+                "--fp8-format/--fp8-recipe otherwise"
             )
         if not (args.bf16 or args.fp16):
             raise ArgumentError("--fp8-format needs --bf16 (or --fp16) for the non-FP8 parts")

@@ -150,6 +150,7 @@ def build_model_chunks(args, config, kv, vocab_size: int) -> list:
             vp_stage=vp_stage,
             rotary_base=args.rotary_base,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            use_transformer_engine=args.transformer_impl == "transformer_engine",
         )
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())

@@ -3,7 +3,8 @@
 On CPU through Triton's interpreter, in fp32 at small shapes (bf16 `tl.dot` is not exact in
 the interpreter): sequence lengths that are and are not multiples of the blocks (the
 interpreter uses 16/32 blocks), GQA ratios 1, 2 and 4, one or two sources with per-head,
-shared or no weights, causal. Tolerance: rtol = atol = 1e-4 for the output and every gradient
+shared or no weights, causal; head dims that are powers of two and padded ones (96 -> 128
+and 160 -> 256 wide tiles, masked), with RoPE-pair tied key weights. Tolerance: rtol = atol = 1e-4 for the output and every gradient
 (observed errors are ~5e-6 on values of order 10; a wrong mask or weight gradient is off by
 O(1)). The GPU versions at realistic sizes in bf16 are in tests/gpu.
 """
@@ -40,6 +41,7 @@ def _cases() -> dict[str, Callable[[], None]]:
     from tests.unit import test_kernels_megatron as tkm
 
     cases = {f"train/{c}": functools.partial(check_training, c) for c in TRAIN_CASES}
+    cases |= {f"train/tied-keys-d{d}": functools.partial(check_tied_key_weights, d) for d in TIED}
     cases["train/custom-scale"] = check_custom_scale
     cases["train/rejects-unsupported"] = check_rejects_unsupported
     cases |= {f"decode/{c}": functools.partial(check_decode, c) for c in DECODE_CASES}
@@ -141,6 +143,10 @@ TRAIN_CASES = {
     "lite_learnable-s17-gqa2": (17, 2, 6, 3, 16, "w", "w", False),
     "yoco-s33-gqa4": (33, 1, 8, 2, 16, "-", "-", False),
     "mixed-s5": (5, 2, 2, 1, 16, "w-", "s", False),
+    "fusedkv-s37-gqa2-d96": (37, 2, 4, 2, 96, "ww", "ww", False),
+    "lite_learnable-shared-s29-d160": (29, 1, 4, 2, 160, "s", "s", False),
+    "lite-s21-mha-d160-strided": (21, 1, 2, 2, 160, "-", "-", True),
+    "mixed-s18-d48": (18, 1, 2, 1, 48, "-w", "w-", False),
 }
 
 
@@ -167,6 +173,37 @@ def check_training(case: str) -> None:
     for name, a, e in zip(names, got, want, strict=True):
         assert a.shape == e.shape, name
         torch.testing.assert_close(a, e, **TOL, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+TIED = (96, 160)
+
+
+@pytest.mark.parametrize("head_dim", TIED)
+def test_tied_key_weights_padded_head_dim(interpreter_results, head_dim):
+    """Key weights stored per RoPE pair (channel j tied with j + d/2) and expanded in torch:
+    with padded tiles (d = 96, 160) the kernel gives the reference's gradients for the stored
+    half-width weights (the kernel never pairs channels itself)."""
+    interpreted(interpreter_results, f"train/tied-keys-d{head_dim}")
+
+
+def check_tied_key_weights(d: int) -> None:
+    from fusedkv_megatron.fusion import expand_key_weight
+
+    q, ks, _, vs, vw = _inputs(23, 1, 4, 2, d, "ww", "w-")
+    g = torch.Generator().manual_seed(5)
+    halves = [torch.randn(2, d // 2, generator=g).requires_grad_(True) for _ in ks]
+    results = []
+    for fn in (
+        lambda kw: kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton"),
+        lambda kw: reconstruction_attention_reference(q, ks, kw, vs, vw),
+    ):
+        out = fn([expand_key_weight(w, rotary_interleaved=False) for w in halves])
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        results.append((out, torch.autograd.grad(out, [q, *ks, *halves], grad_out)))
+    (out, got), (ref, want) = results
+    torch.testing.assert_close(out, ref, **TOL)
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, e, **TOL, msg=lambda m, i=i: f"grad {i}: {m}")
 
 
 def test_fused_attention_custom_scale(interpreter_results):
@@ -205,6 +242,10 @@ DECODE_CASES = {
     "lite_learnable-t4-S33-hf": (1, 4, 8, 2, 16, 33, 3, "w", "w", True, True),
     "yoco-t3-S50-gqa4-d32": (1, 3, 4, 1, 32, 50, 1, "-", "-", True, False),
     "shared-t2-noncausal-d64": (2, 2, 2, 2, 64, 40, 2, "ss", "-", False, False),
+    "fusedkv-t2-S45-gqa2-d96": (2, 2, 4, 2, 96, 45, 2, "ww", "ww", True, False),
+    "lite-t1-S37-d160-hf": (1, 1, 2, 1, 160, 37, 3, "-", "-", True, True),
+    # GROUP * t = 4 * 40 = 160 query rows > MAX_ROWS (128): two launches over chunks of t.
+    "yoco-t40-S57-gqa4-chunked": (1, 40, 4, 1, 16, 57, 2, "-", "-", True, False),
 }
 
 
@@ -270,12 +311,13 @@ def check_rejects_unsupported() -> None:
     q, ks, kw, vs, vw = _inputs(8, 1, 2, 1, 16, "www", "w")
     with pytest.raises(ValueError, match="1 or 2 key and value sources"):
         kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
-    q, ks, kw, vs, vw = _inputs(8, 1, 2, 1, 24, "w", "w")
-    with pytest.raises(ValueError, match="head_dim=24"):
-        kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
+    for bad in (24, 272):
+        q, ks, kw, vs, vw = _inputs(8, 1, 2, 1, bad, "w", "w")
+        with pytest.raises(ValueError, match=f"head_dim={bad} .*multiple of 16 up to 256"):
+            kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
 
 
-def _layer(**config):
+def _layer(head_dim: int = 128, **config):
     """A stand-in for a ReconstructionAttention: what fused_attention_applies reads."""
     from types import SimpleNamespace
 
@@ -292,7 +334,7 @@ def _layer(**config):
         layer_number=7,
         attn_mask_type=SimpleNamespace(name="causal"),
         plan=plan,
-        hidden_size_per_attention_head=128,
+        hidden_size_per_attention_head=head_dim,
     )
 
 
@@ -309,6 +351,14 @@ def test_fused_attention_applies_rules(monkeypatch):
         assert not kernels.fused_attention_applies(_layer(**bad), bf16, "auto")
         with pytest.raises(RuntimeError, match="layer 7 cannot use the fused kernel"):
             kernels.fused_attention_applies(_layer(**bad), bf16, "triton")
+    for d in (16, 48, 96, 160, 256):
+        assert kernels.fused_attention_applies(_layer(d), bf16, "auto"), d
+    for d in (24, 8, 272):
+        assert not kernels.fused_attention_applies(_layer(d), bf16, "auto"), d
+    # The query's dtype decides (not the hidden states'); sources of another dtype do not fuse.
+    assert not kernels.fused_attention_applies(_layer(), bf16, "auto", sources=[fp32])
+    with pytest.raises(RuntimeError, match="sources in torch.float32 but the query in"):
+        kernels.fused_attention_applies(_layer(), bf16, "triton", sources=[fp32])
     monkeypatch.setattr(kernels, "use_triton", lambda x, backend=None: False)
     assert not kernels.fused_attention_applies(_layer(), bf16, "auto")
 
