@@ -13,6 +13,7 @@ processes tokenize batches in order, so the output does not depend on `--workers
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import multiprocessing
@@ -20,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -186,8 +188,7 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: byte fallback alone needs 256 ids + 3 "
             "specials; use >= 1000 (32000-128000 for real models)"
         )
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    _make_output_dir(output_prefix)
     sentences = _sentences(iter_documents(inputs, json_keys, input_format), max_sentence_length)
     try:
         sentencepiece.SentencePieceTrainer.Train(
@@ -293,9 +294,10 @@ def preprocess_data(
 ) -> dict[str, str]:
     """Tokenize `inputs` into one indexed dataset per JSON key; returns {key: dataset prefix}.
 
-    Empty documents are skipped (a zero-length document has nothing to train on). Files are
-    written under temporary names and renamed at the end, so an interrupted run leaves no
-    dataset that looks complete.
+    Empty documents are skipped (a zero-length document has nothing to train on). The outputs
+    (`.bin`, `.idx` and `.meta.json` of every key) appear together or not at all: they are
+    written and fsynced under temporary names and renamed only once all are complete; on any
+    failure the temporaries are removed.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -310,86 +312,76 @@ def preprocess_data(
     tokenizer = build_tokenizer(**tokenizer_args)  # fail here, not in a worker
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     prefixes = {key: output_prefix_for(output_prefix, key) for key in json_keys}
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    builders = {k: IndexedDatasetBuilder(p + ".bin.tmp", dtype=dtype) for k, p in prefixes.items()}
+    outputs = [p + ext for ext in _OUTPUT_EXTENSIONS for p in prefixes.values()]
     counts = {k: [0, 0, 0] for k in json_keys}  # documents, tokens, skipped empty
-
-    total = None
-    if not any(p.endswith(".gz") for p in inputs) and all(os.path.isfile(p) for p in inputs):
-        total = sum(os.path.getsize(p) for p in inputs)
+    builders: dict = {}
     t0 = time.time()
-    batches = _batches(iter_records(inputs, input_format, text_document))
-    pool = bar = None
+    _make_output_dir(output_prefix)
     try:
-        if workers == 1:
-            _init_worker(tokenizer_args, json_keys, append_eod)
-            results = map(_encode_batch, batches)
-        else:
-            # fork: workers inherit the imported modules instead of re-importing Megatron (s).
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(
-                workers, initializer=_init_worker, initargs=(tokenizer_args, json_keys, append_eod)
-            )
-            results = pool.imap(_encode_batch, batches)
-        bar = _progress_bar_class()(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc="tokenizing",
-            disable=not progress,
-            file=sys.stderr,
-            mininterval=0.5,
-        )
-        for batch in results:
-            for nbytes, ids in batch:
-                for key, tokens in ids.items():
-                    if not tokens:
-                        counts[key][2] += 1
-                        continue
-                    builders[key].add_document(np.asarray(tokens, dtype=dtype), [len(tokens)])
-                    counts[key][0] += 1
-                    counts[key][1] += len(tokens)
-                bar.update(nbytes)
-    except BaseException:
-        for key, builder in builders.items():
+        for key, prefix in prefixes.items():
+            builders[key] = IndexedDatasetBuilder(prefix + ".bin" + _TMP, dtype=dtype)
+        records = iter_records(inputs, input_format, text_document)
+        init_args = (tokenizer_args, json_keys, append_eod)
+        with (
+            _encoded_batches(records, workers, init_args) as results,
+            _progress_bar(inputs, progress) as bar,
+        ):
+            for batch in results:
+                for nbytes, ids in batch:
+                    for key, tokens in ids.items():
+                        if not tokens:
+                            counts[key][2] += 1
+                            continue
+                        builders[key].add_document(np.asarray(tokens, dtype=dtype), [len(tokens)])
+                        counts[key][0] += 1
+                        counts[key][1] += len(tokens)
+                    bar.update(nbytes)
+        for key in json_keys:
+            if counts[key][0] == 0:
+                raise PreprocessError(
+                    f"no non-empty documents under key {key!r} in {list(inputs)}; nothing written"
+                )
+        meta_tokenizer = dict(tokenizer.unique_identifiers)
+        if getattr(tokenizer, "model_path", None):
+            meta_tokenizer["model_path"] = tokenizer.model_path
+        meta_tokenizer["vocab_size"] = tokenizer.vocab_size
+        for key, prefix in prefixes.items():
+            builders[key].finalize(prefix + ".idx" + _TMP)
+            n_docs, n_tokens, n_empty = counts[key]
+            meta = {
+                "tokenizer": meta_tokenizer,
+                "documents": n_docs,
+                "tokens": n_tokens,
+                "skipped_empty_documents": n_empty,
+                "append_eod": append_eod,
+                "json_key": key,
+                "inputs": [os.path.abspath(p) for p in inputs],
+            }
+            with open(prefix + ".meta.json" + _TMP, "w") as f:
+                json.dump(meta, f, indent=2)
+        for path in outputs:
+            _fsync(path + _TMP)
+        # Every file of every key is complete and durable: only now do they take their names,
+        # all .idx files last (a dataset is found by its .idx).
+        for path in outputs:
+            os.replace(path + _TMP, path)
+        _fsync(os.path.dirname(os.path.abspath(output_prefix)))
+    except BaseException as err:
+        for builder in builders.values():
             builder.data_file.close()
-            _remove(prefixes[key] + ".bin.tmp")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-    meta_tokenizer = dict(tokenizer.unique_identifiers)
-    if getattr(tokenizer, "model_path", None):
-        meta_tokenizer["model_path"] = tokenizer.model_path
-    meta_tokenizer["vocab_size"] = tokenizer.vocab_size
-    for key, prefix in prefixes.items():
-        n_docs, n_tokens, n_empty = counts[key]
-        builders[key].finalize(prefix + ".idx.tmp")
-        if n_docs == 0:
-            _remove(prefix + ".bin.tmp")
-            _remove(prefix + ".idx.tmp")
+        for path in outputs:
+            _remove(path + _TMP)
+        if isinstance(err, OSError):
             raise PreprocessError(
-                f"no non-empty documents under key {key!r} in {list(inputs)}; nothing written"
-            )
-        os.replace(prefix + ".bin.tmp", prefix + ".bin")
-        os.replace(prefix + ".idx.tmp", prefix + ".idx")
-        meta = {
-            "tokenizer": meta_tokenizer,
-            "documents": n_docs,
-            "tokens": n_tokens,
-            "skipped_empty_documents": n_empty,
-            "append_eod": append_eod,
-            "json_key": key,
-            "inputs": [os.path.abspath(p) for p in inputs],
-        }
-        with open(prefix + ".meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-        if progress:
-            rate = n_tokens / max(time.time() - t0, 1e-9)
+                f"--output-prefix {output_prefix}: cannot write the outputs: "
+                f"{err.strerror or err} ({err.filename}); choose a directory with space that "
+                "this user can write; nothing was written"
+            ) from None
+        raise
+    if progress:
+        rate = sum(c[1] for c in counts.values()) / max(time.time() - t0, 1e-9)
+        for key, prefix in prefixes.items():
+            n_docs, n_tokens, n_empty = counts[key]
             print(
                 f"[preprocess] {prefix}.bin/.idx: {n_docs} documents, {n_tokens} tokens "
                 f"({rate:,.0f} tokens/s, {workers} worker(s))"
@@ -399,10 +391,74 @@ def preprocess_data(
     return prefixes
 
 
+_TMP = ".tmp"
+_OUTPUT_EXTENSIONS = (".bin", ".meta.json", ".idx")  # renamed in this order
+
+
+@contextlib.contextmanager
+def _encoded_batches(records: Iterator, workers: int, init_args: tuple):
+    """Batches of (nbytes, {key: token ids}), in input order, from `workers` processes."""
+    batches = _batches(records)
+    if workers == 1:
+        _init_worker(*init_args)
+        yield map(_encode_batch, batches)
+        return
+    # fork: workers inherit the imported modules instead of re-importing Megatron (s).
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(
+        workers, initializer=_init_worker, initargs=init_args
+    )
+    try:
+        yield pool.imap(_encode_batch, batches)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _progress_bar(inputs: Sequence[str], progress: bool):
+    total = None
+    if not any(p.endswith(".gz") for p in inputs) and all(os.path.isfile(p) for p in inputs):
+        total = sum(os.path.getsize(p) for p in inputs)
+    return _progress_bar_class()(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="tokenizing",
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
+
+
+def _make_output_dir(output_prefix: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    for parent in (out_dir, *map(str, Path(out_dir).parents)):
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise PreprocessError(
+                f"--output-prefix {output_prefix}: {parent} is a file, not a directory; "
+                "choose a prefix inside a directory"
+            )
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise PreprocessError(
+            f"--output-prefix {output_prefix}: cannot create {out_dir} ({err.strerror}); "
+            "choose a directory this user can write"
+        ) from None
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
 
 
