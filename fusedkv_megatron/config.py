@@ -15,12 +15,15 @@ VARIANTS: tuple[str, ...] = (
     "fusedkv",
     "fusedkv_lite",
     "fusedkv_lite_learnable",
+    "dense_probe",
 )
 # Variants whose top half (layers L/2+1..L) computes no K/V of its own.
-TOP_HALF_VARIANTS = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable")
+TOP_HALF_VARIANTS = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable", "dense_probe")
 # Variants with learnable per-channel fusion weights.
-LEARNABLE_VARIANTS = ("fusedkv", "fusedkv_lite_learnable")
-FUSION_INITS = ("normal", "lite")
+LEARNABLE_VARIANTS = ("fusedkv", "fusedkv_lite_learnable", "dense_probe")
+# Variants whose sources are the configurable pair (bottom, middle) of `source_layers`.
+SOURCE_PAIR_VARIANTS = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable")
+FUSION_INITS = ("normal", "lite", "uniform")
 
 
 class KVSharingError(ValueError):
@@ -36,8 +39,14 @@ class KVSharingConfig:
         half; default (1, L/2). Used by fusedkv, fusedkv_lite(_learnable) and yoco (middle).
     weights_per_head: fusion weights of shape [kv_heads, head_dim] (True, the default) or one
         [head_dim] vector shared across KV heads (False).
-    fusion_init: "normal" (the paper: every weight ~ N(0, 1)) or "lite" (1 on the Lite source,
-        0 on the other; our own sanity option, not from the paper).
+    fusion_init: "normal" (the paper: every weight ~ N(0, 1)), "lite" (1 on the Lite source,
+        0 on the others; our own sanity option, not from the paper) or "uniform" (every weight
+        of a K or V with m terms = 1/m: an average that favours no source, the dense_probe's
+        intended start).
+
+    dense_probe is the paper's information-flow probe (its Fig. 2): every top-half layer fuses
+    the K (and V) of ALL storage layers 1..L/2 with learnable per-channel weights; its learned
+    weights show which storage layers the top half reads (docs/research.md).
     """
 
     variant: str = "fusedkv"
@@ -68,8 +77,8 @@ class KVSharingConfig:
             )
         if self.fusion_init not in FUSION_INITS:
             raise KVSharingError(
-                f"fusion_init={self.fusion_init!r} is not known; choose 'normal' (the paper) "
-                "or 'lite'"
+                f"fusion_init={self.fusion_init!r} is not known; choose 'normal' (the paper), "
+                "'lite' or 'uniform'"
             )
         groups = num_query_groups or num_attention_heads
         if num_attention_heads % groups:
@@ -102,7 +111,7 @@ class KVSharingConfig:
                 f"num_layers={num_layers} is too small for {v}: it needs L >= 4 so that layer 1 "
                 "and layer L/2 are distinct storage layers"
             )
-        if v in TOP_HALF_VARIANTS:
+        if v in SOURCE_PAIR_VARIANTS:
             bottom, middle = self.sources(num_layers)
             n = num_layers // 2
             if not (1 <= bottom < middle <= n):

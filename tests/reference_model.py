@@ -59,6 +59,11 @@ def kv_rule(variant: str, i: int, L: int):
         return [(n, "key_weight_0")], [(1, "value_weight_0")]
     if variant == "yoco":
         return [(n, None)], [(n, None)]
+    if variant == "dense_probe":  # every storage layer j = 1..n, each with its own weight
+        return (
+            [(j, f"key_weight_{j - 1}") for j in range(1, n + 1)],
+            [(j, f"value_weight_{j - 1}") for j in range(1, n + 1)],
+        )
     raise ValueError(variant)
 
 

@@ -20,8 +20,11 @@ KV_SHARING_VARIANTS = (
     "fusedkv",
     "fusedkv_lite",
     "fusedkv_lite_learnable",
+    "dense_probe",
 )
-_TOP_HALF = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable")
+_TOP_HALF = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable", "dense_probe")
+_SOURCE_PAIR = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable")
+FUSION_INITS = ("normal", "lite", "uniform")
 
 # A term of a reconstructed K or V: (0-based source layer, weighted by a learnable vector).
 Term = tuple[int, bool]
@@ -39,7 +42,9 @@ def kv_sharing_plan(
     b, m = bottom - 1, middle - 1
     plans: list[LayerPlan] = [None] * num_layers
     if variant in _TOP_HALF:
-        if variant == "fusedkv":
+        if variant == "dense_probe":  # every storage layer feeds every top layer
+            plan = (tuple((j, True) for j in range(n)), tuple((j, True) for j in range(n)))
+        elif variant == "fusedkv":
             plan = (((b, True), (m, True)), ((b, True), (m, True)))
         elif variant == "yoco":
             plan = (((m, False),), ((m, False),))
@@ -59,7 +64,8 @@ class FusedKVConfig(Qwen3Config):
     kv_sharing: one of KV_SHARING_VARIANTS; `kv_sharing_plan` gives every layer's sources.
     kv_source_layers: 1-based (bottom, middle) source layers; None means (1, L/2).
     fusion_weights_per_head: fusion weights [kv_heads, d] (True) or one shared [1, d] (False).
-    fusion_init: "normal" (the paper) or "lite", used only to initialise a fresh model.
+    fusion_init: "normal" (the paper), "lite" or "uniform", used only to initialise a fresh
+        model.
     rotary_interleaved: RoPE pairs channels (2j, 2j+1) instead of (j, j + d/2) (rotate-half).
     """
 
@@ -82,8 +88,10 @@ class FusedKVConfig(Qwen3Config):
                 f"kv_sharing={v!r} is not a known variant; choose one of "
                 f"{', '.join(KV_SHARING_VARIANTS)}"
             )
-        if self.fusion_init not in ("normal", "lite"):
-            raise ValueError(f"fusion_init={self.fusion_init!r}: choose 'normal' or 'lite'")
+        if self.fusion_init not in FUSION_INITS:
+            raise ValueError(
+                f"fusion_init={self.fusion_init!r}: choose one of {', '.join(FUSION_INITS)}"
+            )
         if any(t != "full_attention" for t in self.layer_types):
             raise ValueError(
                 f"layer_types={self.layer_types} is not supported: FusedKV models use full "
@@ -96,7 +104,12 @@ class FusedKVConfig(Qwen3Config):
                 f"num_hidden_layers={num_layers} does not work with kv_sharing={v!r}: it needs an "
                 "even layer count (and >= 4 for the top-half variants)"
             )
-        if v in _TOP_HALF and self.kv_source_layers is not None:
+        if v == "dense_probe" and self.kv_source_layers is not None:
+            raise ValueError(
+                f"kv_source_layers={list(self.kv_source_layers)} has no meaning for dense_probe "
+                "(it reads every storage layer); leave it unset"
+            )
+        if v in _SOURCE_PAIR and self.kv_source_layers is not None:
             bottom, middle = self.kv_source_layers
             if not 1 <= bottom < middle <= num_layers // 2:
                 raise ValueError(

@@ -293,7 +293,8 @@ class FusedKVPreTrainedModel(PreTrainedModel):
         if not isinstance(module, FusedKVAttention) or module.plan is None:
             return
         # "normal": the paper's N(0, 1); "lite": 1 on the FusedKV-Lite source (K from the
-        # middle, V from the bottom layer), 0 on the other (our sanity option).
+        # middle, V from the bottom layer), 0 on the other (our sanity option); "uniform":
+        # 1/(number of terms) on every term (the dense probe's start).
         for kind, terms in (("key", module.plan[0]), ("value", module.plan[1])):
             layers = [layer for layer, _ in terms]
             lite = max(layers) if kind == "key" else min(layers)
@@ -303,6 +304,8 @@ class FusedKVPreTrainedModel(PreTrainedModel):
                 w = getattr(module, f"{kind}_weight_{j}")
                 if self.config.fusion_init == "normal":
                     init.normal_(w, mean=0.0, std=1.0)
+                elif self.config.fusion_init == "uniform":
+                    init.constant_(w, 1.0 / len(terms))
                 else:
                     init.constant_(w, 1.0 if layer == lite else 0.0)
 

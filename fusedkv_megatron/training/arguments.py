@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import VARIANTS
+from ..config import FUSION_INITS, VARIANTS
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--fusion-init",
-        choices=("normal", "lite"),
+        choices=FUSION_INITS,
         default="normal",
-        help="fusion weight init: normal = N(0,1) as in the paper; lite = our Lite-equivalent start",
+        help="fusion weight init: normal = N(0,1) as in the paper; lite = our Lite-equivalent "
+        "start; uniform = 1/(number of sources) each (the dense_probe's start)",
     )
     _bool(
         g,

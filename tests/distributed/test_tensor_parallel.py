@@ -10,16 +10,18 @@ import torch
 
 from fusedkv_megatron import VARIANTS
 from tests.conftest import run_torchrun
-from tests.tiny import tiny_batch, tiny_model
+from tests.tiny import L, tiny_batch, tiny_model
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 CASES = {v: {"variant": v, "kv": {}} for v in VARIANTS}
 CASES["fusedkv-shared-weights"] = {"variant": "fusedkv", "kv": {"weights_per_head": False}}
+# The probe at 8 layers: four sources per K/V (at the default 4 layers it has two).
+CASES["dense_probe-8-layers"] = {"variant": "dense_probe", "kv": {}, "layers": 8}
 
 
 def _tp1_reference(case):
-    model = tiny_model(case["variant"], kv_overrides=case["kv"])
+    model = tiny_model(case["variant"], case.get("layers", L), kv_overrides=case["kv"])
     tokens, labels, pos = tiny_batch()
     loss = model(tokens, pos, None, labels=labels)
     loss.sum().backward()

@@ -18,12 +18,13 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from fusedkv_megatron import compat
 from tests.distributed.sharding import gather_full, load_full_state
-from tests.tiny import tiny_batch, tiny_model
+from tests.tiny import L, tiny_batch, tiny_model
 
 
 def run(case: dict, ref: dict, sequence_parallel: bool):
     model = tiny_model(
         case["variant"],
+        case.get("layers", L),
         kv_overrides=case["kv"],
         sequence_parallel=sequence_parallel,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),

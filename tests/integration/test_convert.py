@@ -153,7 +153,8 @@ def test_variant_mismatch_in_run_info(exports, tmp_path):
     info["kv_sharing"]["variant"] = "yoco"
     cf.write_run_info(it, info)
     with pytest.raises(
-        ConversionError, match=r"kv_sharing='yoco'.*look like kv_sharing in \['fusedkv'\]"
+        ConversionError,
+        match=r"kv_sharing='yoco'.*look like kv_sharing in \['fusedkv', 'dense_probe'\]",
     ):
         megatron_to_hf(root, tmp_path / "out")
 

@@ -86,13 +86,17 @@ def test_fuse_equal(groups):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant", ["fusedkv", "fusedkv_lite_learnable"])
-def test_lite_init_equal(variant):
-    """fusion_init='lite' sets the same vectors as fusion.init_fusion_weight."""
+@pytest.mark.parametrize("init", ["lite", "uniform"])
+@pytest.mark.parametrize(
+    "variant, num_layers",
+    [("fusedkv", 4), ("fusedkv_lite_learnable", 4), ("dense_probe", 8)],
+)
+def test_deterministic_inits_equal(variant, num_layers, init):
+    """fusion_init='lite' and 'uniform' set the same vectors as fusion.init_fusion_weight."""
     torch.manual_seed(0)
-    model = hf.FusedKVForCausalLM(_hf_config(variant, fusion_init="lite"))
-    kv = KVSharingConfig(variant, fusion_init="lite")
-    for plan in layer_plans(kv, 4):
+    model = hf.FusedKVForCausalLM(_hf_config(variant, num_layers, fusion_init=init))
+    kv = KVSharingConfig(variant, fusion_init=init)
+    for plan in layer_plans(kv, num_layers):
         attn = model.model.layers[plan.layer_number - 1].self_attn
         for kind, terms in (("key", plan.key), ("value", plan.value)):
             for j, term in enumerate(terms):

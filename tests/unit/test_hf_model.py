@@ -14,7 +14,7 @@ from fusedkv_megatron.hf.configuration_fusedkv import KV_SHARING_VARIANTS, Fused
 from fusedkv_megatron.hf.modeling_fusedkv import FusedKVForCausalLM, cache_nbytes
 
 HALF_CACHE = [v for v in KV_SHARING_VARIANTS if v != "vanilla"]
-TOP_HALF = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable")
+TOP_HALF = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable", "dense_probe")
 L, HEADS, HEAD_DIM, VOCAB = 4, 4, 8, 64
 
 
@@ -84,6 +84,15 @@ def test_greedy_generation_with_cache_equals_recompute(variant, cache):
     """Also with a static cache, whose preallocated buffers the top half must mask."""
     m, ids = model(variant), prompt()
     got = m.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation=cache)
+    assert torch.equal(got, greedy_by_recompute(m, ids, 8))
+
+
+def test_dense_probe_with_four_sources_decodes_like_recompute():
+    """8 layers: every top layer fuses all four storage layers' caches (direct attention to
+    the sources while decoding); greedy decoding with the cache equals full recompute."""
+    m, ids = model("dense_probe", num_hidden_layers=8), prompt()
+    assert [len(p[0]) for p in m.config.layer_plans()[4:]] == [4] * 4
+    got = m.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, greedy_by_recompute(m, ids, 8))
 
 

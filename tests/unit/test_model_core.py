@@ -52,7 +52,28 @@ def test_megatron_matches_reference(megatron_tp1, variant):
         assert grads[name].abs().sum() > 0, f"no gradient reached {name}"
 
 
-TOP_HALF = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable")
+TOP_HALF = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable", "dense_probe")
+
+
+def test_dense_probe_matches_reference_with_four_sources(megatron_tp1):
+    """At 8 layers every top layer fuses the K/V of all four storage layers (at the default
+    4 layers the probe has two sources, like fusedkv); logits and gradients equal the reference."""
+    layers = 8
+    model = tiny_model("dense_probe", num_layers=layers)
+    tokens, labels, pos = tiny_batch()
+    loss, grads = _megatron_loss_and_grads(model, (tokens, labels, pos))
+    weights = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    ref = ReferenceModel(weights, "dense_probe", layers, HEADS, groups_for("dense_probe"))
+    ref_loss = ref.loss(tokens, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    ref_loss.sum().backward()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, weights[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    top = "decoder.layers.5.self_attention."
+    for kind in ("key", "value"):
+        names = sorted(n for n in grads if n.startswith(top + kind + "_weight_"))
+        assert len(names) == layers // 2
+        assert all(grads[n].abs().sum() > 0 for n in names), names
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -79,6 +100,7 @@ def test_parameter_accounting(megatron_tp1, variant):
     expected = {
         "fusedkv": 3 * L * g * HEAD_DIM // 2,
         "fusedkv_lite_learnable": (L // 2) * g * (HEAD_DIM // 2 + HEAD_DIM),
+        "dense_probe": (L // 2) * g * (L // 2) * (HEAD_DIM // 2 + HEAD_DIM),
     }
     assert fusion == expected.get(variant, 0)
     assert fusion == fusion_parameter_count(KVSharingConfig(variant), L, g, HEAD_DIM)
