@@ -137,7 +137,9 @@ def chunk_activations(
     group_starts = {g[0] for g in groups}
 
     if chunk.first:
-        out.add("embedding", x.tokens * 8)  # token ids (int64) for the embedding backward
+        # token ids (int64) for the embedding backward; with TP > 1 also the mask of ids
+        # outside this rank's vocabulary shard
+        out.add("embedding", x.tokens * (8 + (1 if layout.tp > 1 else 0)))
     else:
         payload_sources = live_sources(plans, chunk.start) if kv.shares_kv else ()
         out.payload_in = x.rows * x.h * x.e + x.stack(len(payload_sources))
