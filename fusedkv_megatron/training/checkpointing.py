@@ -208,7 +208,7 @@ def check_save_dir(save: str) -> None:
         ) from None
 
 
-def _on_rank0(what: str, step: Callable[[], Any]) -> Any:
+def _on_rank0(what: str, step: Callable[[], Any], fix: str) -> Any:
     """Run `step` on rank 0 only (it owns the directory layout); an OSError there becomes a
     CheckpointFormatError on every rank. Also a barrier."""
     result, error = None, None
@@ -216,7 +216,7 @@ def _on_rank0(what: str, step: Callable[[], Any]) -> Any:
         try:
             result = step()
         except OSError as e:
-            error = f"{what}: {_os_reason(e)}"
+            error = f"{what}: {_os_reason(e)}{fix}"
     message = [error]
     torch.distributed.broadcast_object_list(message, src=0)
     if message[0]:
@@ -253,7 +253,7 @@ def save_checkpoint(
         crash("before-write")
 
     fix = "; free space or fix the permissions, or save elsewhere"
-    _on_rank0(f"--save {root}: cannot prepare {staged.name}", prepare)
+    _on_rank0(f"--save {root}: cannot prepare {staged.name}", prepare, fix)
     state = _state_dict(
         model_chunks,
         optimizer,
@@ -280,7 +280,7 @@ def save_checkpoint(
         fmt.commit_iteration(root, iteration, crash)
         return fmt.prune_iterations(root, keep_latest_k, crash)
 
-    pruned = _on_rank0(f"--save {root}: cannot commit iteration {iteration}{fix}", commit)
+    pruned = _on_rank0(f"--save {root}: cannot commit iteration {iteration}", commit, fix)
     final = fmt.iteration_dir(root, iteration)
     _log(f"saved checkpoint of iteration {iteration} to {final}")
     if pruned:

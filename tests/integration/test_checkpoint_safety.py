@@ -264,10 +264,23 @@ def unwritable_dir(tmp_path):
         subprocess.run(["chattr", "-i", path], check=True)
 
 
-def test_save_without_permission_is_a_clear_error(flags, unwritable_dir, capfd, dist_single):
+def test_save_without_permission_is_a_clear_error(
+    flags, unwritable_dir, capfd, monkeypatch, dist_single
+):
     for save in (unwritable_dir, unwritable_dir / "ckpt"):
         code, out, err = run_cli([*flags, "--train-iters", "1", "--save", save], capfd)
         assert code == 2, err[-3000:]
         assert f"error: --save {save}: cannot write checkpoints there: permission denied" in err
         assert "choose a directory this job can create and write" in err
         assert "training from" not in out  # refused at start-up, before any training
+    # Permissions that change during the run: the save itself reports it.
+    from fusedkv_megatron.training import checkpointing
+
+    monkeypatch.setattr(checkpointing, "check_save_dir", lambda save: None)
+    code, out, err = run_cli([*flags, "--train-iters", "1", "--save", unwritable_dir], capfd)
+    assert code == 2, err[-3000:]
+    assert "training from iteration 0 to 1" in out
+    assert (
+        f"error: --save {unwritable_dir}: cannot prepare iter_0000001.tmp: permission denied "
+        f"({unwritable_dir / 'iter_0000001.tmp'}); free space or fix the permissions" in err
+    )
