@@ -25,7 +25,8 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=5.24,<6"],
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=5.24,<6"],
+        "research": ["matplotlib>=3.8"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=5.24,<6", "matplotlib>=3.8"],
         "dev": ["ruff>=0.6", "pytest>=8", "pytest-timeout", "transformers>=5.24,<6"],
     },
     entry_points={
@@ -34,6 +35,8 @@ setup(
             "fusedkv-convert-hf=fusedkv_megatron.hf.convert:main_to_hf",
             "fusedkv-convert-megatron=fusedkv_megatron.hf.convert:main_to_megatron",
             "fusedkv-plan=fusedkv_megatron.planner.cli:main",
+            "fusedkv-compare=fusedkv_megatron.research.compare:main",
+            "fusedkv-probe-report=fusedkv_megatron.research.probe:main",
         ]
     },
 )

@@ -69,7 +69,7 @@ def test_every_variant_trains_and_its_loss_goes_down(variant, data, tmp_path, ca
     assert first - last > 0.5, f"{variant}: loss {first:.3f} -> {last:.3f}"
     assert scalars(tb, "skipped-iterations")[12] == 0
     fusion = [t for t in scalar_tags(tb) if t.startswith("fusion/")]
-    learnable = variant in ("fusedkv", "fusedkv_lite_learnable")
+    learnable = variant in ("fusedkv", "fusedkv_lite_learnable", "dense_probe")
     assert bool(fusion) == learnable
     assert "> parameters:" in out and "validation loss at iteration 12" in out
     # Every half-cache variant stores half of vanilla's 4 layers x K,V x 4 heads x 16 x 2 bytes.
