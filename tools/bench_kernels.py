@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # compile_matrix
 
 from fusedkv_megatron.fusion import fuse  # noqa: E402
 from fusedkv_megatron.kernels.launch import KernelConfig  # noqa: E402
@@ -39,6 +40,7 @@ from fusedkv_megatron.kernels.triton_attention import (  # noqa: E402
     GPU_CONFIGS,
     fused_reconstruction_attention,
 )
+from fusedkv_megatron.kernels.triton_common import padded_head_dim  # noqa: E402
 from fusedkv_megatron.kernels.triton_decode import (  # noqa: E402
     decode_io_bytes,
     fused_reconstruction_decode,
@@ -241,11 +243,12 @@ def sweep(hq: int, hk: int, d: int, seq: int = 8192, decode_batch: int = 8) -> N
         ],
     }
     tables = dict(GPU_CONFIGS, decode=triton_decode.GPU_CONFIG)
+    d_table = padded_head_dim(d)  # the tables are keyed by the padded width
     bandwidth = copy_bandwidth(2 << 20 if DEVICE == "cpu" else 2 << 30)
     for kind, configs in candidates.items():
-        default = tables[kind].get(d)
+        default = tables[kind].get(d_table)
         for cfg in configs:
-            tables[kind][d] = cfg
+            tables[kind][d_table] = cfg
             try:
                 if kind == "decode":
                     row = decode_rows(4 * seq, decode_batch, hq, hk, d, bandwidth, ("fused",))[0]
@@ -257,118 +260,17 @@ def sweep(hq: int, hk: int, d: int, seq: int = 8192, decode_batch: int = 8) -> N
             except Exception as err:  # a config that does not compile is a result too
                 print(f"{kind:6s} {cfg}: failed: {err}", flush=True)
         if default is not None:
-            tables[kind][d] = default
+            tables[kind][d_table] = default
 
 
-def compile_only(arch: int, head_dims: tuple[int, ...] = (64, 128)) -> int:
-    """Compile every kernel with its configuration for `arch` (e.g. 90) without a GPU and print
-    shared memory, registers and spills (ptxas -v). Returns the number of failures: a compile
-    error or more shared memory than the architecture has."""
-    import os
-    import re
-    import subprocess
-    import tempfile
+def compile_only(arch: int, head_dims: tuple[int, ...]) -> int:
+    """Compile each kernel's fusedkv specialisation at `head_dims` for sm_`arch` without a GPU
+    and print shared memory, registers and spills: tools/compile_matrix.py with its base
+    calls only (that tool compiles every specialisation). Returns the number of failures."""
+    import compile_matrix
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fusedkv_megatron.kernels import triton_attention as ta
-    from fusedkv_megatron.kernels import triton_decode as td
-
-    smem_limit = {80: 163, 86: 99, 89: 99, 90: 227, 100: 227}.get(arch, 99) * 1024
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    low = {"Q", "K1", "K2", "V1", "V2", "OUT", "DO", "DK1", "DK2", "DV1", "DV2", "DQ"}
-    flags = dict(K2_ON=True, V2_ON=True, ON_WK1=True, ON_WK2=True, ON_WV1=True, ON_WV2=True)
-    failures = 0
-    for d in head_dims:
-        jobs = [
-            (kind, fn, ta.GPU_CONFIGS[kind][d], dict(BLOCK_N=ta.GPU_CONFIGS[kind][d].block_n))
-            for kind, fn in (
-                ("fwd", ta._fwd_kernel),
-                ("dkdv", ta._dkdv_kernel),
-                ("dq", ta._dq_kernel),
-            )
-        ]
-        fwd = ta.GPU_CONFIGS["fwd"][d]
-        jobs.append(("delta", ta._delta_kernel, fwd, {}))
-        dec = td.GPU_CONFIG[d]
-        jobs.append(
-            (
-                "decode",
-                td._decode_split_kernel,
-                dec,
-                dict(BLOCK_R=16, BLOCK_N=dec.block_n, CAUSAL=True),
-            )
-        )
-        for kind, fn, cfg, extra in jobs:
-            cons = dict(D=d, **extra)
-            if kind != "decode":
-                cons["BLOCK_M"] = cfg.block_m
-            if kind != "delta":
-                cons |= dict(GROUP=2, **flags)
-            sig = {}
-            for name in fn.arg_names:
-                if name in cons:
-                    sig[name] = "constexpr"
-                elif name in low:
-                    sig[name] = "*bf16"
-                elif name in ("W", "LSE", "DELTA", "GW", "OPART", "LPART"):
-                    sig[name] = "*fp32"
-                else:
-                    sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
-            # What the JIT specializes at a typical launch: 16-byte aligned pointers and strides
-            # (and S, split_len) divisible by 16. Without it, loads are not vectorized or
-            # pipelined and the report would mislead.
-            aligned = {
-                (i,): [["tt.divisibility", 16]]
-                for i, name in enumerate(fn.arg_names)
-                if sig[name].startswith("*")
-                or name.startswith("stride")
-                or name in ("S", "split_len")
-            }
-            try:
-                kernel = triton.compile(
-                    ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=aligned),
-                    target=GPUTarget("cuda", arch, 32),
-                    options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                )
-            except Exception as err:
-                failures += 1
-                print(f"d={d} {kind}: COMPILE ERROR {type(err).__name__}: {err}", flush=True)
-                continue
-            smem = kernel.metadata.shared
-            ptx = kernel.asm["ptx"]
-            usage = f", {ptx.count('cp.async.ca') + ptx.count('cp.async.cg')} cp.async"
-            if os.path.exists(ptxas):
-                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                    f.write(ptx)
-                    f.flush()
-                    out = subprocess.run(
-                        [
-                            ptxas,
-                            "-v",
-                            f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                            f.name,
-                            "-o",
-                            os.devnull,
-                        ],
-                        capture_output=True,
-                        text=True,
-                    ).stderr
-                regs = re.search(r"Used (\d+) registers", out)
-                spill = re.search(r"(\d+) bytes spill stores", out)
-                usage += (
-                    f", {regs.group(1) if regs else '?'} registers, "
-                    f"{spill.group(1) if spill else '?'} bytes spilled"
-                )
-            ok = smem <= smem_limit
-            failures += not ok
-            print(
-                f"d={d} {kind:6s} {cfg}: shared {smem} B{usage}"
-                f"{'' if ok else f' > {smem_limit} B: TOO MUCH SHARED MEMORY'}",
-                flush=True,
-            )
+    rows, failures = compile_matrix.run(arch, head_dims, full=False, axes_at=())
+    print(compile_matrix.table(rows))
     return failures
 
 
@@ -442,13 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.compile_only:
-        return (
-            1
-            if compile_only(
-                args.compile_only, (args.head_dim,) if args.head_dim != 128 else (64, 128)
-            )
-            else 0
-        )
+        dims = (args.head_dim,) if args.head_dim != 128 else (64, 96, 128, 160, 256)
+        return 1 if compile_only(args.compile_only, dims) else 0
     if args.smoke_cpu:
         global DEVICE, DTYPE
         DEVICE, DTYPE = "cpu", torch.float32

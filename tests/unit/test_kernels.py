@@ -365,21 +365,35 @@ def test_fused_attention_applies_rules(monkeypatch):
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper():
-    """The compiled (GPU) path, which the interpreter does not exercise: every kernel with its
-    GPU configuration compiles for sm_90 (bf16, d = 64 and 128) and fits its shared memory.
-    No GPU needed: Triton compiles to a cubin here."""
+    """The compiled (GPU) path, which the interpreter does not exercise: every kernel the
+    dispatchers launch compiles for sm_90 and fits its shared memory (tools/compile_matrix.py:
+    the fusedkv specialisation at every head dim 16..256, and every axis value -- sources,
+    weights, dtype, group, one KV head, unaligned S, decode rows, causal -- at the paper
+    configs' head dims 96 and 160). No GPU needed: Triton compiles to a cubin here; a warm
+    Triton cache makes reruns fast."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/bench_kernels.py"), "--compile-only", "90"],
+        [
+            sys.executable,
+            str(REPO / "tools/compile_matrix.py"),
+            "--quiet",
+            "--axes-at",
+            "96",
+            "160",
+        ],
         cwd=REPO,
-        env=env | {"PYTHONPATH": str(REPO)},
+        env=env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=3600,
     )
-    report = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("d="))
-    assert proc.returncode == 0, f"{report}\n{proc.stderr[-4000:]}"
-    assert report.count("shared") == 10, report
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    summary = {(r[0].strip(), int(r[1])) for r in rows[1:] if r[1].strip().isdigit()}
+    kernels_ = ("fwd", "delta", "dkdv", "dq", "decode_split", "decode_combine")
+    want = {(k, d) for k in kernels_ for d in kernels.HEAD_DIMS}
+    assert summary == want, sorted(want ^ summary)
+    assert all(r[-1].strip() == "0" for r in rows[1:]), proc.stdout[-3000:]
 
 
 def test_launch_steps_down_when_a_config_does_not_fit():
@@ -410,3 +424,29 @@ def test_launch_steps_down_when_a_config_does_not_fit():
     assert L.pick({64: L.KernelConfig(128, 64, 4, 3)}, 64, "test") == ran
     assert L.KernelConfig(16, 16, 4, 1).smaller() is None
     L._working.pop(("test", 64))
+
+
+def test_gpu_decode_bound_holds_for_the_kernels_roundings():
+    """The GPU decode test's rounding bound (tests/gpu/test_kernels_gpu.py::decode_bound),
+    checked on CPU: a torch simulation of the kernel's roundings (fused K/V, softmax weights and
+    output rounded to bf16) stays within it, and dropping one key weight does not."""
+    from fusedkv_megatron.fusion import fuse
+    from fusedkv_megatron.kernels.reference import decode_mask
+    from tests.gpu.test_kernels_gpu import decode_bound
+
+    g = torch.Generator().manual_seed(0)
+    b, t, hq, hk, d, S = 1, 3, 4, 2, 96, 700
+    q = torch.randn(b, t, hq, d, generator=g).bfloat16()
+    srcs = [torch.randn(b, S, hk, d, generator=g).bfloat16().float() for _ in range(4)]
+    ws = [torch.randn(hk, d, generator=g) for _ in range(4)]
+    key, value = fuse(srcs[:2], ws[:2]), fuse(srcs[2:], ws[2:])
+    truth = reconstruction_decode_reference(q.float(), srcs[:2], ws[:2], srcs[2:], ws[2:])
+    kh, vh = (x.bfloat16().float().repeat_interleave(2, 2).transpose(1, 2) for x in (key, value))
+    scores = q.float().transpose(1, 2) @ kh.transpose(-1, -2) * d**-0.5
+    scores = scores.masked_fill(~decode_mask(t, S, q.device), float("-inf"))
+    e = torch.exp(scores - scores.amax(-1, keepdim=True))
+    simulated = ((e.bfloat16().float() @ vh) / e.sum(-1, keepdim=True)).bfloat16().float()
+    bound = decode_bound(q, key, value, d**-0.5)
+    assert ((simulated.transpose(1, 2) - truth).abs() / bound).max() < 0.25
+    wrong = reconstruction_decode_reference(q.float(), srcs[:2], [ws[0], None], srcs[2:], ws[2:])
+    assert ((wrong - truth).abs() / bound).max() > 1.5
