@@ -190,17 +190,17 @@ class ReconstructionAttention(_AttendMixin, Attention):
         self.weights_per_head = kv_sharing.weights_per_head
 
     def _init_fusion(self, w, kv, term):
-        if kv.weights_per_head and self.config.use_cpu_initialization:
-            # Initialise the full tensor and keep this rank's heads: identical at any TP size.
-            full = torch.empty(self.config.num_query_groups, w.shape[1], dtype=w.dtype)
-            init_fusion_weight(full, kv, term, self.plan)
-            rank = self.pg_collection.tp.rank() if self.world_size > 1 else 0
-            n = w.shape[0]
-            with torch.no_grad():
-                w.copy_(full[rank * n : (rank + 1) * n])
-        else:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                init_fusion_weight(w, kv, term, self.plan)
+        # Drawn full-size from the CPU generator, which every TP rank of a stage seeds alike,
+        # then sliced to this rank's heads: per-head weights differ between heads and a shared
+        # vector is the same on every TP rank, on CPU and GPU (a forked TP generator would give
+        # a shared vector different values per rank). build_model(init_seed=...) redraws all
+        # parameters independently of the layout (initialization.py).
+        full = torch.empty(self.config.num_query_groups if kv.weights_per_head else 1, w.shape[1])
+        init_fusion_weight(full, kv, term, self.plan)
+        n = w.shape[0]
+        rank = self.pg_collection.tp.rank() if kv.weights_per_head and self.world_size > 1 else 0
+        with torch.no_grad():
+            w.copy_(full[rank * n : (rank + 1) * n])
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Per-head fusion weights are split over TP ranks by KV head (dim 0): checkpoint them as

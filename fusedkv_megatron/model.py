@@ -65,10 +65,14 @@ def build_model(
     rotary_base: float = 1_000_000.0,
     share_embeddings_and_output_weights: bool = False,
     use_transformer_engine: bool | None = None,
+    init_seed: int | None = None,
 ) -> GPTModel:
     """The GPTModel of this pipeline stage (and virtual stage `vp_stage`) with FusedKV layers.
 
     Needs megatron's parallel_state initialised (a single process with TP=PP=1 is fine).
+    With `init_seed`, every parameter is redrawn so that the same seed gives the same weights
+    at any TP/PP/VPP layout (`initialization.reset_parameters`); without it Megatron's own
+    initialisation stands, which depends on the layout.
     Applies the Megatron patches (`fusedkv_megatron.compat.apply()`) if no entry point has.
     """
     compat.apply()
@@ -104,6 +108,10 @@ def build_model(
         vp_stage=vp_stage,
     )
     model.kv_sharing = kv_sharing
+    if init_seed is not None:
+        from .initialization import reset_parameters
+
+        reset_parameters(model, init_seed)
     return model
 
 

@@ -151,6 +151,7 @@ def build_model_chunks(args, config, kv, vocab_size: int) -> list:
             rotary_base=args.rotary_base,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             use_transformer_engine=args.transformer_impl == "transformer_engine",
+            init_seed=args.seed,  # the same weights at any TP/PP/VPP layout
         )
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
