@@ -9,6 +9,12 @@ Arguments after `--` go to the trainer (fusedkv-pretrain), after the preset's. E
 --run-dir (default runs/slurm/<job name>): checkpoints/ and tensorboard/. Submitting again with
 the same run dir resumes from its latest checkpoint. Standard library only, so it runs on a login
 node without the project's environment; see docs/slurm.md.
+
+Before a GPU job is rendered, the memory planner (fusedkv_megatron.planner, plain Python: no torch
+needed) predicts its per-GPU peak and throughput; the prediction goes into the script's header,
+and a layout predicted not to fit is refused with layouts that would (--ignore-memory-check
+submits it anyway). Where the planner cannot be imported (no PyYAML, say) submit.py says so
+and submits unchecked. See docs/planner.md.
 """
 
 from __future__ import annotations
@@ -168,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTION",
         help="an extra sbatch option, e.g. --sbatch=--qos=high (repeatable)",
     )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=80.0,
+        metavar="GB",
+        help="memory per GPU in GiB, for the memory check (default 80: the presets' H100/A100)",
+    )
+    p.add_argument(
+        "--gpu-kind", default="H100", help="GPU for the throughput estimate (default H100)"
+    )
+    p.add_argument(
+        "--mfu", type=float, default=0.4, help="assumed MFU for the estimate (default 0.4)"
+    )
+    p.add_argument(
+        "--ignore-memory-check",
+        action="store_true",
+        help="submit even if the planner predicts the layout does not fit",
+    )
     p.add_argument("--trainer-module", default=TRAINER[1], help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting")
     p.add_argument("--parsable", action="store_true", help="print only the job id")
@@ -181,6 +205,62 @@ def _layout(preset: Preset, nodes: int, gpus: int | None = None) -> str:
         procs = preset.procs_per_node * nodes
         return f"{nodes} node(s) x {preset.procs_per_node} CPU processes, TP={tp} PP={pp} DP={procs // (tp * pp)}"
     return f"{nodes} node(s) x {gpus} GPUs, TP={tp} PP={pp} DP={nodes * gpus // (tp * pp)}"
+
+
+def load_planner():
+    """fusedkv_megatron.planner.cli from this checkout, or None and why it cannot be imported
+    (the planner needs no torch, but its config reading needs PyYAML)."""
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
+    try:
+        from fusedkv_megatron.planner import cli
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+    return cli, None
+
+
+def memory_check(
+    opts: argparse.Namespace, config: Path, nodes: int, nproc: int, tp: int, pp: int, extra
+) -> list[str]:
+    """The planner's prediction for this job as script-header lines. Raises SubmitError when
+    the layout is predicted not to fit (unless --ignore-memory-check), naming layouts that fit."""
+    cli, why = load_planner()
+    if cli is None:
+        return [f"memory check: not done, the planner cannot be imported here ({why})"]
+    argv = ["--config", str(config)]
+    argv += ["--kv-sharing", opts.kv_sharing] if opts.kv_sharing else []
+    argv += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+    argv += list(extra)
+    argv += ["--gpus-per-node", str(nproc), "--nodes", str(nodes)]
+    argv += ["--gpu-memory", str(opts.gpu_memory), "--gpu-kind", opts.gpu_kind]
+    argv += ["--mfu", str(opts.mfu)]
+    try:
+        planned, _ = cli.plan_from_argv(argv)
+    except SystemExit:
+        return ["memory check: not done, the planner rejects the trainer arguments (above)"]
+    except ValueError as e:  # the trainer's or the planner's named error
+        raise SubmitError(f"the trainer would refuse this job: {e}") from None
+    lines = [f"predicted (fusedkv-plan): {cli.summary(planned)}"]
+    if planned.fits:
+        return lines
+    if opts.ignore_memory_check:
+        return [*lines, "memory check: predicted not to fit, submitted anyway"]
+    batch = planned.layout.global_batch_size
+    fitting = cli.search(planned.job, planned.machine, batch, planned.layout, opts.mfu)[:5]
+    suggestions = "\n".join(
+        f"  -- {' '.join(cli.layout_flags(p.layout))}   ({cli.gib(p.peak)} GiB, "
+        f"{p.speed.tokens_per_s:,.0f} tokens/s)"
+        for p in fitting
+    )
+    raise SubmitError(
+        f"{planned.layout.describe()} is predicted not to fit: {cli.summary(planned)}.\n"
+        + (
+            f"Layouts that fit (trainer flags after --):\n{suggestions}\n"
+            if fitting
+            else "No layout of this machine and global batch fits; add nodes or GPU memory.\n"
+        )
+        + "Pass --ignore-memory-check to submit anyway (docs/planner.md: the model, its limits)"
+    )
 
 
 def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
@@ -260,6 +340,11 @@ def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
             "(the job needs it to tell a finished run from a stopped one)"
         )
 
+    if gpus:
+        plan_lines = memory_check(opts, config, nodes, nproc, tp, pp, extra)
+    else:
+        plan_lines = ["memory check: a CPU run, not planned"]
+
     name = opts.job_name or "-".join(
         ["fusedkv", preset.name] + ([opts.kv_sharing] if opts.kv_sharing else [])
     )
@@ -299,6 +384,7 @@ def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
         log_dir=log_dir,
         python=python,
         trainer_args=trainer_args,
+        plan_lines=plan_lines,
     )
 
 
@@ -367,6 +453,7 @@ def render(opts: argparse.Namespace, extra: list[str]) -> tuple[str, dict]:
         f"preset {r['preset'].name}: {r['nodes']} node(s) x {r['nproc']} "
         f"{'GPUs' if r['gpus'] else 'CPU processes'}, TP={r['tp']} PP={r['pp']} DP={r['dp']}"
     )
+    summary = "\n#   ".join([summary, *r["plan_lines"]])
     values = {
         "SUMMARY": summary,
         "GRACE": str(r["grace"]),
@@ -433,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  script      {path}")
     print(f"  log         {r['log_dir']}/{r['name']}-{job_id}.out")
+    for line in r["plan_lines"]:
+        print(f"  {line}")
     print(f"  checkpoints {r['run_dir']}/checkpoints")
     print(f"  tensorboard tensorboard --logdir {r['run_dir']}/tensorboard")
     return 0

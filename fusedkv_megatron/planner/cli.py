@@ -103,6 +103,55 @@ def job_and_layout(args: argparse.Namespace, world_size: int) -> tuple[Job, Layo
     return job, layout
 
 
+def plan_from_argv(argv: list[str]) -> tuple[Plan, argparse.Namespace]:
+    """Parse fusedkv-plan's command line (YAML + flags) and plan the layout it gives. Raises
+    ArgumentError/PlanError/KVSharingError/ValueError for bad input, SystemExit for flags
+    argparse rejects."""
+    args = parse_args(argv, planner_parser())
+    machine = Machine(
+        args.gpus_per_node, args.nodes, args.gpu_memory, args.gpu_kind, args.reserve_gb
+    )
+    job, layout = job_and_layout(args, machine.gpus)
+    return plan(job, layout, machine, args.mfu, args.norm_impl), args
+
+
+def layout_flags(layout: Layout) -> list[str]:
+    """The fusedkv-pretrain flags that select `layout` (given the same machine and batch)."""
+    flags = [
+        "--tensor-model-parallel-size",
+        str(layout.tp),
+        "--pipeline-model-parallel-size",
+        str(layout.pp),
+        "--sequence-parallel" if layout.sequence_parallel else "--no-sequence-parallel",
+        "--micro-batch-size",
+        str(layout.micro_batch_size),
+    ]
+    if layout.vpp:
+        flags += ["--virtual-pipeline-model-parallel-size", str(layout.vpp)]
+    if layout.recompute != "none":
+        flags += ["--recompute-granularity", layout.recompute]
+    if layout.recompute == "full":
+        flags += [
+            "--recompute-method",
+            layout.recompute_method,
+            "--recompute-num-layers",
+            str(layout.recompute_num_layers),
+        ]
+    return flags
+
+
+def summary(p: Plan) -> str:
+    """One line: the per-GPU peak against the usable memory, and the throughput."""
+    m, r, sp = p.machine, p.worst_rank, p.speed
+    return (
+        f"peak {gib(p.peak)} GiB per GPU of {gib(m.usable_bytes)} usable ({m.gpu_memory_gb:g} GiB "
+        f"{m.gpu_kind}, {m.reserve_gb:g} reserved): {'fits' if p.fits else 'DOES NOT FIT'}; "
+        f"weights+grads+optimizer {gib(r.static)}, activations {gib(r.activations)} "
+        f"({r.in_flight} microbatch(es) in flight), transient {gib(r.transient)}; "
+        f"{sp.tokens_per_s:,.0f} tokens/s, {sp.step_time_s:.2f} s/step at MFU {sp.mfu:.0%}"
+    )
+
+
 def gib(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f}"
 
@@ -162,21 +211,15 @@ def search_table(plans: list[Plan], top: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = planner_parser()
     try:
-        args = parse_args(argv, parser)
-        machine = Machine(
-            args.gpus_per_node, args.nodes, args.gpu_memory, args.gpu_kind, args.reserve_gb
-        )
-        job, layout = job_and_layout(args, machine.gpus)
-        machine.peak_tflops  # noqa: B018  (an unknown GPU kind fails here, named)
-        given = plan(job, layout, machine, args.mfu, args.norm_impl)
+        given, args = plan_from_argv(sys.argv[1:] if argv is None else argv)
     except (ArgumentError, PlanError, KVSharingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe_plan(given))
     if not args.search:
         return 0 if given.fits else 1
+    job, layout, machine = given.job, given.layout, given.machine
     found = search(job, machine, layout.global_batch_size, layout, args.mfu, args.norm_impl)
     print(
         f"\nlayouts that fit {machine.nodes} x {machine.gpus_per_node} x "

@@ -186,6 +186,70 @@ def test_missing_config_is_named(tmp_path):
     assert out.returncode == 2 and "nope.yaml not found" in out.stderr
 
 
+# --- the memory check (fusedkv_megatron.planner) ---------------------------------------------
+
+
+def _predicted_peak(name: str) -> str:
+    """The planner's per-GPU peak for a preset, computed here from the library."""
+    from fusedkv_megatron.planner import cli
+
+    p = PRESETS[name]
+    planned, _ = cli.plan_from_argv(
+        ["--config", str(REPO / "examples" / "configs" / f"{name}.yaml"),
+         "--tensor-model-parallel-size", str(p.tensor_parallel),
+         "--pipeline-model-parallel-size", str(p.pipeline_parallel),
+         "--gpus-per-node", str(p.gpus_per_node), "--nodes", str(p.nodes), "--gpu-memory", "80"]
+    )  # fmt: skip
+    assert planned.fits, f"preset {name} is predicted not to fit 80 GiB: {cli.summary(planned)}"
+    return f"peak {cli.gib(planned.peak)} GiB per GPU of 76.0 usable"
+
+
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if not p.cpu])
+def test_dry_run_shows_the_predicted_peak_and_throughput(name):
+    out = dry_run("--preset", name)
+    assert out.returncode == 0, out.stderr
+    header = out.stdout.split("\n#\n", 1)[0]
+    assert f"#   predicted (fusedkv-plan): {_predicted_peak(name)} (80 GiB H100" in header
+    assert ": fits;" in header and " tokens/s, " in header and "at MFU 40%" in header
+
+
+def test_a_layout_predicted_not_to_fit_is_refused_with_layouts_that_fit():
+    args = ["--preset", "4b", "--nodes", "2", "--gpu-memory", "40", "--", "--micro-batch-size",
+            "4", "--tensor-model-parallel-size", "1", "--no-sequence-parallel"]  # fmt: skip
+    out = dry_run(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "TP=1 PP=1 VPP=1 DP=16 mbs=4 m=16 recompute=none is predicted not to fit" in out.stderr
+    assert "DOES NOT FIT" in out.stderr and "Pass --ignore-memory-check" in out.stderr
+    suggested = [line for line in out.stderr.splitlines() if line.startswith("  -- ")]
+    assert len(suggested) == 5, out.stderr
+    # Every suggested layout, submitted as the message says, passes the check.
+    flags = suggested[0].split("   (")[0].split()[1:]
+    again = dry_run(*args[:6], "--", *flags)
+    assert again.returncode == 0, again.stderr
+    assert ": fits;" in again.stdout
+    forced = dry_run(*args[:6], "--ignore-memory-check", *args[6:])
+    assert forced.returncode == 0, forced.stderr
+    assert "DOES NOT FIT" in forced.stdout and "submitted anyway" in forced.stdout
+
+
+@pytest.mark.parametrize("blocked", [("torch",), ("torch", "yaml")])
+def test_a_login_node_without_torch_or_pyyaml(blocked):
+    """Without torch the check runs as usual; without PyYAML too, submit says plainly that it
+    could not check, and renders the job."""
+    code = (
+        "import runpy, sys\n"
+        + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+        + "sys.argv = ['submit.py', '--preset', '1.5b', '--dry-run']\n"
+        + f"runpy.run_path({str(SUBMIT)!r}, run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    if "yaml" in blocked:
+        assert "#   memory check: not done, the planner cannot be imported here" in out.stdout
+    else:
+        assert f"#   predicted (fusedkv-plan): {_predicted_peak('1.5b')}" in out.stdout
+
+
 @pytest.mark.parametrize(
     "text, seconds",
     [
