@@ -12,6 +12,7 @@ time/interval exit, with a checkpoint saved), 2 bad configuration or inputs, 3 d
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -205,27 +206,16 @@ def _run(args, signals) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are bad input or configuration: exit 2 with their message, no traceback."""
     from .config import KVSharingError
     from .pipeline import PipelineConfigError
-    from .training.arguments import ArgumentError, parse_args, validate_args
+    from .training.arguments import ArgumentError
     from .training.checkpoint_format import CheckpointFormatError
     from .training.data import DataError
-    from .training.initialize import init_distributed
-    from .training.loop import TrainingDiverged
     from .training.tokenizer import TokenizerError
 
-    code = 0
-    owns_group = not torch.distributed.is_initialized()  # a caller's group is left alone
-    try:
-        args = parse_args(argv)
-        args.start_time = time.time()  # --exit-duration-in-mins counts from here
-        init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
-        validate_args(args, torch.distributed.get_world_size(), torch.cuda.is_available())
-        code = run(args)
-    except (
+    return (
         ArgumentError,
         KVSharingError,
         PipelineConfigError,
@@ -233,27 +223,57 @@ def main(argv: list[str] | None = None) -> int:
         TokenizerError,
         DataError,
         FileNotFoundError,
-    ) as e:
-        _error(e)
-        code = 2
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (on any rank), 3 diverged. A failure on one rank ends
+    every rank within seconds (training/failures.py)."""
+    import torch
+
+    from .training import failures
+    from .training.arguments import parse_args, validate_args
+    from .training.initialize import init_distributed
+    from .training.loop import TrainingDiverged
+
+    code = 0
+    owns_group = not torch.distributed.is_initialized()  # a caller's group is left alone
+    watch = failures.PeerFailureWatch()
+    try:
+        args = parse_args(argv)
+        args.start_time = time.time()  # --exit-duration-in-mins counts from here
+        init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+        with watch:
+            validate_args(args, torch.distributed.get_world_size(), torch.cuda.is_available())
+            code = run(args)
+    except _user_errors() as e:
+        watch.stop()
+        code = failures.report(e, 2)
     except TrainingDiverged as e:
-        _error(e)
-        code = 3
+        watch.stop()
+        code = failures.report(e, 3)
+    except Exception as e:
+        watch.stop()
+        peer = failures.peer_failure()
+        if peer is not None and peer["rank"] != torch.distributed.get_rank():
+            code = failures.stopped_by(peer)  # a consequence of another rank's failure
+        else:
+            failures.report(e, 1, internal=True)  # the peers stop; the traceback follows
+            raise
     finally:
         from megatron.core import parallel_state
 
+        if code and owns_group and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                # Peers may be waiting in a collective that will never complete: leave now
+                # rather than risk a hang in destroying the group.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
         parallel_state.destroy_model_parallel()
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return code
-
-
-def _error(e: Exception) -> None:
-    import torch
-
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0:
-        print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":  # the checkpoint writer's spawned Manager re-imports __main__

@@ -369,6 +369,13 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
     args.data_parallel_size = world_size // (tp * pp)
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ArgumentError(
+            f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size "
+            f"{tp}: sequence parallelism splits the sequence over the TP ranks; use a multiple "
+            f"of {tp} (e.g. {args.seq_length - args.seq_length % tp or tp}) or drop "
+            "--sequence-parallel"
+        )
 
     if args.kv_sharing == "gqa" and args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads // 2  # the paper's half-cache GQA

@@ -40,9 +40,14 @@ class MicrobatchIterator(Iterator):
         start = self.position + self.rank * self.mbs
         self.position += self.mbs * self.dp
         if start + self.mbs > len(self.dataset):
-            raise RuntimeError(
-                f"the dataset has {len(self.dataset)} samples but sample {start + self.mbs - 1} "
-                "was requested; it was built for fewer iterations than are being run"
+            from .data import DataError
+
+            raise DataError(
+                f"the data ran out: sample {start + self.mbs - 1} was requested but the dataset "
+                f"holds {len(self.dataset)} samples (it is built for --train-iters x "
+                "--global-batch-size samples, counted from the start of training). A resumed "
+                "run that changed --global-batch-size or --micro-batch-size reads past that "
+                "end: resume with the checkpoint's batch sizes, or raise --train-iters"
             )
         samples = [self.dataset[i] for i in range(start, start + self.mbs)]
         batch = {}
