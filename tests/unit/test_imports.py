@@ -25,6 +25,9 @@ MEGATRON_FREE = {
     "fusedkv_megatron.compat": ("megatron",),
     "fusedkv_megatron.hf.mapping": ("megatron",),
     "fusedkv_megatron.training.checkpoint_format": ("megatron", "torch"),
+    "fusedkv_megatron.research": ("megatron", "torch"),
+    "fusedkv_megatron.research.compare": ("megatron", "torch"),
+    "fusedkv_megatron.research.probe": ("megatron", "torch"),
 }
 
 
