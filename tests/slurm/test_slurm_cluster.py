@@ -1,6 +1,12 @@
-"""slurm/submit.py against a real SLURM controller: the tiny CPU preset is submitted, trains with
-the real trainer, gets USR1 as a preemption notice, checkpoints, requeues itself, resumes from
-the checkpoint and finishes without another requeue.
+"""slurm/submit.py against a real SLURM controller: the tiny CPU preset is submitted with a
+3-minute time limit and `--signal=B:USR1@60`, trains with the real trainer, gets USR1 from SLURM
+itself before the limit, checkpoints, requeues itself, resumes from the checkpoint and finishes.
+
+SLURM sends the signal within 60 s before `grace` seconds ahead of the end time (sbatch(1): "may
+be sent up to 60 seconds earlier than specified"), so the first start gets it 60-120 s in. The
+first start runs paced (tests/slurm/paced_pretrain.py: 6 s per iteration) so it is still
+training then on any machine; the later starts run at full speed and finish well inside their
+own 60 s before the next signal. The whole test takes about 4 minutes.
 
 Needs a reachable controller (`bash tools/slurm_local.sh start` makes a one-node cluster on this
 machine); skipped without one, unless FUSEDKV_REQUIRE_SLURM=1 (CI), where that is a failure.
@@ -14,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -21,7 +28,10 @@ import pytest
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_ITERS = 60
+TIME_LIMIT_S = 180
+GRACE_S = 60
+# The first start, paced at 6 s per iteration, cannot reach it before its time limit.
+TRAIN_ITERS = 32
 TERMINAL = {
     "COMPLETED",
     "FAILED",
@@ -72,8 +82,9 @@ def _wait_for(predicate, timeout: float, what: str, log: Path):
 
 
 @pytest.fixture(scope="module")
-def preempted_run(tmp_path_factory):
-    """Submit the tiny preset, send USR1 once it trains, wait until the job is over."""
+def time_limited_run(tmp_path_factory):
+    """Submit the tiny preset with a short time limit and wait until the job is over; every
+    signal it gets comes from SLURM."""
     problem = _slurm_problem()
     if problem:
         if os.environ.get("FUSEDKV_REQUIRE_SLURM") == "1":
@@ -92,7 +103,9 @@ def preempted_run(tmp_path_factory):
     # that 2 CPU cores train it in seconds.
     cmd = [
         sys.executable, str(REPO / "slurm" / "submit.py"), "--parsable", "--preset", "tiny",
-        "--job-name", "fusedkv-slurm-test", "--time", "00:15:00", "--run-dir", str(run_dir),
+        "--job-name", "fusedkv-slurm-test", "--time", f"00:{TIME_LIMIT_S // 60:02d}:00",
+        "--signal-grace", str(GRACE_S), "--exit-margin", "0", "--max-restarts", "3",
+        "--trainer-module", "tests.slurm.paced_pretrain", "--run-dir", str(run_dir),
         "--log-dir", str(log_dir), "--python", sys.executable,
         "--", "--data-path", data["train_data_prefix"], "--tokenizer-model", data["tokenizer_model"],
         "--train-iters", str(TRAIN_ITERS), "--seq-length", "64", "--micro-batch-size", "2",
@@ -112,31 +125,34 @@ def preempted_run(tmp_path_factory):
         return info if info.get("JobState") in TERMINAL else None
 
     try:
-        _wait_for(
-            lambda: re.search(r" iteration +\d+/", log_text()) or ended(),
-            300,
-            "the first training iteration",
-            log,
-        )
-        assert not ended(), f"the job ended before it was signalled:\n{log_text()[-4000:]}"
-        signalled = _run("scancel", "--signal=USR1", "--batch", job_id)
-        assert signalled.returncode == 0, signalled.stderr
-        info = _wait_for(ended, 420, "the job to end (checkpoint, requeue, resume, finish)", log)
+        info = _wait_for(ended, 900, "the job to end (signal, checkpoint, requeue, finish)", log)
     finally:
         if not ended():
             _run("scancel", job_id)
     return dict(job_id=job_id, info=info, log=log.read_text(), run_dir=run_dir)
 
 
-def _before_and_after_requeue(log: str) -> tuple[str, str]:
-    first, _, second = log.partition(", start 2,")
-    return first, second
+def _starts(log: str) -> list[str]:
+    """The job log cut into its starts (the first, and one per requeue)."""
+    parts = re.split(r"\] job \d+ \([^)]*\), start \d+,", log)
+    heads = re.findall(r"\[sbatch ([0-9-]+ [0-9:]+)\] job \d+ \([^)]*\), start \d+,", log)
+    return [f"[start {h}]{body}" for h, body in zip(heads, parts[1:])]
 
 
-def test_job_trained_and_wrote_tensorboard_and_a_checkpoint(preempted_run):
-    run_dir = preempted_run["run_dir"]
-    assert "] 2 workers" in preempted_run["log"]  # the preset's 2 gloo processes (DP=2)
-    assert re.search(rf" iteration +\d+/ +{TRAIN_ITERS} \|.*lm loss", preempted_run["log"])
+def _clock(start: str, pattern: str) -> float | None:
+    """Seconds from the start's first log line to the first line matching `pattern`."""
+    t0 = re.match(r"\[start ([0-9-]+ [0-9:]+)\]", start).group(1)
+    m = re.search(r"\[sbatch ([0-9-]+ [0-9:]+)\] " + pattern, start)
+    if m is None:
+        return None
+    fmt = "%Y-%m-%d %H:%M:%S"
+    return (datetime.strptime(m.group(1), fmt) - datetime.strptime(t0, fmt)).total_seconds()
+
+
+def test_job_trained_and_wrote_tensorboard_and_a_checkpoint(time_limited_run):
+    run_dir = time_limited_run["run_dir"]
+    assert "] 2 workers" in time_limited_run["log"]  # the preset's 2 gloo processes (DP=2)
+    assert re.search(rf" iteration +\d+/ +{TRAIN_ITERS} \|.*lm loss", time_limited_run["log"])
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(TRAIN_ITERS)
     assert (ckpt / f"iter_{TRAIN_ITERS:07d}").is_dir()
@@ -153,30 +169,35 @@ def test_job_trained_and_wrote_tensorboard_and_a_checkpoint(preempted_run):
     assert steps and max(steps) == TRAIN_ITERS, sorted(steps)
 
 
-def test_usr1_checkpoints_requeues_and_resumes(preempted_run):
-    log, info = preempted_run["log"], preempted_run["info"]
-    first, second = _before_and_after_requeue(log)
-    assert "USR1 (time limit or preemption notice)" in first
-    m = re.search(
-        rf"trainer stopped at checkpoint iteration (\d+) of {TRAIN_ITERS} "
-        r"\(exit 0, USR1\): requeueing",
-        first,
-    )
-    assert m, first[-3000:]
-    stopped = int(m.group(1))
-    assert 0 < stopped < TRAIN_ITERS
-    assert (preempted_run["run_dir"] / "checkpoints" / f"iter_{stopped:07d}").is_dir()
-    assert info["Restarts"] == "1"
-    assert f"resuming from iteration {stopped} " in second
-    # the second start continues where the checkpoint left off, not from iteration 1
-    resumed = [int(x) for x in re.findall(r" iteration +(\d+)/", second)]
-    assert resumed and resumed[0] == stopped + 1, resumed[:5]
+def test_slurm_signals_before_the_time_limit_and_the_job_requeues(time_limited_run):
+    """Every start but the last got USR1 from SLURM on its time-limit schedule, saved a
+    checkpoint and requeued; the next start resumed right after that checkpoint."""
+    starts, info = _starts(time_limited_run["log"]), time_limited_run["info"]
+    assert len(starts) >= 2, time_limited_run["log"][-3000:]
+    assert info["Restarts"] == str(len(starts) - 1)
+    for before, after in zip(starts, starts[1:]):
+        assert "USR1 (time limit or preemption notice)" in before, before[-3000:]
+        # SLURM's schedule: grace seconds before the end, or up to 60 s earlier (+ slack for
+        # the shell's start-up and the log's whole seconds).
+        t = _clock(before, r"USR1 \(time limit")
+        assert TIME_LIMIT_S - GRACE_S - 60 - 5 <= t <= TIME_LIMIT_S - GRACE_S + 5, t
+        m = re.search(
+            rf"trainer stopped at checkpoint iteration (\d+) of {TRAIN_ITERS} "
+            r"\(exit 0, USR1\): requeueing",
+            before,
+        )
+        assert m, before[-3000:]
+        stopped = int(m.group(1))
+        assert 0 < stopped < TRAIN_ITERS
+        assert (time_limited_run["run_dir"] / "checkpoints" / f"iter_{stopped:07d}").is_dir()
+        assert f"resuming from iteration {stopped} " in after
+        resumed = [int(x) for x in re.findall(r" iteration +(\d+)/", after)]
+        assert resumed and resumed[0] == stopped + 1, resumed[:5]
 
 
-def test_finished_job_is_not_requeued(preempted_run):
-    info = preempted_run["info"]
+def test_finished_job_is_not_requeued(time_limited_run):
+    info = time_limited_run["info"]
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
-    assert info["Restarts"] == "1"
-    _, second = _before_and_after_requeue(preempted_run["log"])
-    assert f"training finished: iteration {TRAIN_ITERS} of {TRAIN_ITERS}" in second
-    assert ": requeueing" not in second
+    last = _starts(time_limited_run["log"])[-1]
+    assert f"training finished: iteration {TRAIN_ITERS} of {TRAIN_ITERS}" in last
+    assert ": requeueing" not in last and "USR1" not in last
