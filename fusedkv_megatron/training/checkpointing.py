@@ -198,7 +198,11 @@ def check_save_dir(save: str) -> None:
             )
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        try:
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        except OSError as e:
+            e.filename = None  # the probe's random name would only confuse
+            raise
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
