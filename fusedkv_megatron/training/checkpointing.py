@@ -75,10 +75,6 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _barrier() -> None:
-    torch.distributed.barrier()
-
-
 def _model_state(model_chunks) -> dict[str, Any]:
     """The GPTModels' sharded state (without the DDP / Float16Module wrappers), as Megatron-LM."""
     model_chunks = unwrap_model(model_chunks)
