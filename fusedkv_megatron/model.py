@@ -63,6 +63,7 @@ def build_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     rotary_base: float = 1_000_000.0,
+    rotary_percent: float = 1.0,
     share_embeddings_and_output_weights: bool = False,
     use_transformer_engine: bool | None = None,
     init_seed: int | None = None,
@@ -76,6 +77,13 @@ def build_model(
     Applies the Megatron patches (`fusedkv_megatron.compat.apply()`) if no entry point has.
     """
     compat.apply()
+    kv_sharing.validate(
+        config.num_layers,
+        config.num_attention_heads,
+        config.num_query_groups,
+        config.tensor_model_parallel_size,
+        rotary_percent=rotary_percent,
+    )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(
             ignore_virtual=False, vp_stage=vp_stage
@@ -105,6 +113,7 @@ def build_model(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=rotary_base,
+        rotary_percent=rotary_percent,
         vp_stage=vp_stage,
     )
     model.kv_sharing = kv_sharing

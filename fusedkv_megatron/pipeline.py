@@ -268,6 +268,44 @@ def _stage_payloads(
     return payload(chunk.start), payload(chunk.stop)
 
 
+def check_layout(
+    config: TransformerConfig,
+    kv: KVSharingConfig,
+    *,
+    seq_length: int,
+    num_microbatches: int | None = None,
+) -> None:
+    """The rules of the parallel layout that Megatron's schedules would break on less clearly:
+    layers over (virtual) stages, the sequence over TP (sequence parallel) and CP ranks, the
+    interleaved schedule's microbatch count. Raises PipelineConfigError. Sets the p2p fields
+    the schedules need (`prepare_pipeline_config`)."""
+    tp, cp = config.tensor_model_parallel_size, config.context_parallel_size
+    split = cp * (tp if config.sequence_parallel else 1)
+    if seq_length % split:
+        sp = f" x tensor_model_parallel_size={tp} (sequence parallel)" if split != cp else ""
+        raise PipelineConfigError(
+            f"seq_length={seq_length} is not divisible by context_parallel_size={cp}{sp} = "
+            f"{split}: the sequence is split over those ranks; use a multiple of {split} "
+            f"(e.g. {seq_length - seq_length % split or split})"
+            + (" or turn sequence parallelism off" if sp else "")
+        )
+    pp = config.pipeline_model_parallel_size
+    if pp == 1:
+        return
+    prepare_pipeline_config(config, kv)
+    vp = config.virtual_pipeline_model_parallel_size
+    if vp is not None and num_microbatches is not None:
+        group = config.microbatch_group_size_per_vp_stage or pp
+        if num_microbatches < group or 0 < num_microbatches % group < pp:
+            raise PipelineConfigError(
+                f"num_microbatches={num_microbatches} does not fit the interleaved schedule "
+                f"(pipeline_model_parallel_size={pp}, microbatch_group_size_per_vp_stage="
+                f"{group}): it must be a multiple of {group} (or leave a remainder >= {pp}); "
+                f"use {group * -(-num_microbatches // group)} microbatches (global_batch_size = "
+                "micro_batch_size x data-parallel size x num_microbatches)"
+            )
+
+
 def pipeline_schedule_kwargs(
     config: TransformerConfig,
     kv: KVSharingConfig,
@@ -280,33 +318,10 @@ def pipeline_schedule_kwargs(
 
     1F1B: an `adjust_tensor_shapes_fn` widening the receive/send shapes by the sources that
     cross this rank's boundaries. Interleaved: nothing (shapes are exchanged, see
-    `prepare_pipeline_config`). Also checks sizes the schedules would reject less clearly.
+    `prepare_pipeline_config`). Checks the layout first (`check_layout`).
     """
-    pp = config.pipeline_model_parallel_size
-    if pp == 1:
-        return {}
-    prepare_pipeline_config(config, kv)
-    tp, cp = config.tensor_model_parallel_size, config.context_parallel_size
-    split = cp * (tp if config.sequence_parallel else 1)
-    if seq_length % split:
-        raise PipelineConfigError(
-            f"seq_length={seq_length} is not divisible by context_parallel_size={cp}"
-            f"{f' x tensor_model_parallel_size={tp} (sequence parallel)' if tp > 1 and config.sequence_parallel else ''}"
-            f" = {split}; use a sequence length that is a multiple of {split}"
-        )
-    vp = config.virtual_pipeline_model_parallel_size
-    if vp is not None:
-        group = config.microbatch_group_size_per_vp_stage or pp
-        if num_microbatches is not None and (
-            num_microbatches < group or 0 < num_microbatches % group < pp
-        ):
-            raise PipelineConfigError(
-                f"num_microbatches={num_microbatches} does not fit the interleaved schedule "
-                f"(pipeline_model_parallel_size={pp}, microbatch_group_size_per_vp_stage="
-                f"{group}): it must be a multiple of {group} (or leave a remainder >= {pp}); "
-                f"use {group * -(-num_microbatches // group)} microbatches (global_batch_size = "
-                "micro_batch_size x data-parallel size x num_microbatches)"
-            )
+    check_layout(config, kv, seq_length=seq_length, num_microbatches=num_microbatches)
+    if config.pipeline_model_parallel_size == 1 or config.virtual_pipeline_model_parallel_size:
         return {}
     if config.variable_seq_lengths or not kv.shares_kv:
         return {}

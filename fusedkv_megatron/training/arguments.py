@@ -108,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument(
+        "--num-layers-in-first-pipeline-stage",
+        type=int,
+        default=None,
+        help="uneven stages: layers of the first stage (the rest split evenly)",
+    )
+    g.add_argument(
+        "--num-layers-in-last-pipeline-stage",
+        type=int,
+        default=None,
+        help="uneven stages: layers of the last stage (the rest split evenly)",
+    )
     _bool(g, "--sequence-parallel", "sequence parallelism (needs TP > 1)")
     _bool(g, "--use-distributed-optimizer", "shard optimizer state over data-parallel ranks")
     _bool(g, "--overlap-grad-reduce", "overlap the data-parallel gradient reduce with backward")
@@ -369,13 +381,6 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
     args.data_parallel_size = world_size // (tp * pp)
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    if args.sequence_parallel and args.seq_length % tp:
-        raise ArgumentError(
-            f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size "
-            f"{tp}: sequence parallelism splits the sequence over the TP ranks; use a multiple "
-            f"of {tp} (e.g. {args.seq_length - args.seq_length % tp or tp}) or drop "
-            "--sequence-parallel"
-        )
 
     if args.kv_sharing == "gqa" and args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads // 2  # the paper's half-cache GQA
@@ -390,11 +395,6 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
                 f"{args.num_attention_heads}; set --kv-channels explicitly"
             )
         args.kv_channels = args.hidden_size // args.num_attention_heads
-    if args.num_attention_heads % tp:
-        raise ArgumentError(
-            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
-            f"--tensor-model-parallel-size {tp}"
-        )
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
 
@@ -417,12 +417,9 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
     if vpp is not None and pp == 1:
         raise ArgumentError("a virtual pipeline needs --pipeline-model-parallel-size > 1")
     args.virtual_pipeline_model_parallel_size = vpp
-    stages = pp * (vpp or 1)
-    if args.num_layers % stages:
-        raise ArgumentError(
-            f"--num-layers {args.num_layers} cannot be split evenly over {stages} pipeline "
-            f"stages (pipeline {pp} x virtual {vpp or 1}); choose a multiple of {stages}"
-        )
+    # How layers split over (uneven) stages, the sequence over TP/CP ranks and microbatches
+    # over the interleaved schedule are the library's rules (pipeline.check_layout, run at
+    # start-up); KV heads over TP are KVSharingConfig.validate's.
 
     dp = args.data_parallel_size
     if args.global_batch_size is None:
@@ -433,12 +430,6 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
             f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}"
         )
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    if vpp is not None and args.num_microbatches % pp:
-        raise ArgumentError(
-            f"the interleaved pipeline schedule needs the number of microbatches "
-            f"({args.num_microbatches} = global {args.global_batch_size} / (micro "
-            f"{args.micro_batch_size} x DP {dp})) to be a multiple of the pipeline size {pp}"
-        )
 
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters

@@ -28,7 +28,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 from megatron.core.transformer.module import Float16Module
 
 from .. import KVSharingConfig, build_model, qwen3_config
+from ..pipeline import check_layout
 from . import optimizer_fixes
+from .arguments import ArgumentError
 from .model_size import padded_vocab  # one padding rule for the trainer and the planner
 from .tokenizer import build_tokenizer
 
@@ -110,6 +112,8 @@ def transformer_config(args):
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=args.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=args.num_layers_in_last_pipeline_stage,
         sequence_parallel=args.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -229,7 +233,12 @@ def setup(args) -> Runtime:
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
     kv = kv_sharing_config(args)
-    config = transformer_config(args)
+    try:
+        config = transformer_config(args)
+    except ValueError as e:  # Megatron's TransformerConfig checks, e.g. head counts vs TP
+        raise ArgumentError(f"the model configuration is invalid: {e}") from None
+    # The layout's rules, before anything is built (the library owns them).
+    check_layout(config, kv, seq_length=args.seq_length, num_microbatches=args.num_microbatches)
     model = build_model_chunks(args, config, kv, vocab)
     optimizer, scheduler = build_optimizer(args, model)
     connect_schedule_hooks(config, model, optimizer, args.overlap_grad_reduce)
