@@ -8,6 +8,8 @@ The GPU layouts assume 8 x 80 GB GPUs per node (H100/A100 class), sequence lengt
 the distributed optimizer. Every size up to 1.5B fits a GPU without tensor parallelism, and pure
 data parallelism is the fastest layout when it fits; 4B uses TP=2 within a node (NVLink) to leave
 room for 8k-token activations. Token budgets (paper): 332M and 650M 200B, 1.5B 400B, 4B 800B.
+The memory planner's predicted per-GPU peaks for these layouts on 80 GB and 141 GB GPUs are in
+docs/planner.md (`python slurm/submit.py --preset-table` prints them); submit.py checks every job.
 """
 
 from __future__ import annotations

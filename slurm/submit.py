@@ -105,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Arguments after -- are passed to fusedkv-pretrain. Presets: "
         + "; ".join(f"{n}: {_layout(pr, pr.nodes)}" for n, pr in PRESETS.items()),
     )
-    p.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (required)")
+    p.add_argument(
+        "--preset-table",
+        action="store_true",
+        help="print the planner's predictions for every GPU preset on 80 GB (H100) and 141 GB "
+        "(H200) GPUs as a Markdown table (docs/planner.md) and exit",
+    )
     p.add_argument("--nodes", type=int, default=None, help="default: the preset's")
     p.add_argument(
         "--gpus-per-node", type=int, default=None, help="default: the preset's (tiny: 0)"
@@ -263,8 +269,47 @@ def memory_check(
     )
 
 
+TABLE_GPUS = ((80.0, "H100"), (141.0, "H200"))
+
+
+def preset_table(mfu: float = 0.4) -> str:
+    """Every GPU preset's layout with its predicted per-GPU peak and throughput on 80 GB and
+    141 GB GPUs, and the fastest layout the planner finds for each (a Markdown table)."""
+    cli, why = load_planner()
+    if cli is None:
+        raise SubmitError(f"the planner cannot be imported here ({why})")
+    rows = [
+        "| preset | GPUs | preset layout | peak / GPU, 80 GB | peak / GPU, 141 GB | tokens/s "
+        "(MFU 40%) | fastest that fits, 80 GB | fastest that fits, 141 GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for preset in (p for p in PRESETS.values() if not p.cpu):
+        config = REPO / "examples" / "configs" / f"{preset.name}.yaml"
+        cells, best = [], []
+        for memory, kind in TABLE_GPUS:
+            planned, _ = cli.plan_from_argv(
+                ["--config", str(config), "--gpus-per-node", str(preset.gpus_per_node),
+                 "--nodes", str(preset.nodes), "--gpu-memory", str(memory), "--gpu-kind", kind,
+                 "--mfu", str(mfu)]
+            )  # fmt: skip
+            verdict = "fits" if planned.fits else "does not fit"
+            cells.append(f"{cli.gib(planned.peak)} GiB ({verdict})")
+            lay = planned.layout
+            found = cli.search(planned.job, planned.machine, lay.global_batch_size, lay, mfu)
+            best.append(
+                found[0].layout.describe() + f", {cli.gib(found[0].peak)} GiB" if found else "none"
+            )
+        rows.append(
+            f"| {preset.name} | {preset.nodes} x {preset.gpus_per_node} | {lay.describe()} | "
+            f"{cells[0]} | {cells[1]} | {planned.speed.tokens_per_s:,.0f} | {best[0]} | {best[1]} |"
+        )
+    return "\n".join(rows)
+
+
 def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
     """Check the options against the preset and return what the template needs."""
+    if opts.preset is None:
+        raise SubmitError(f"--preset is required: one of {', '.join(PRESETS)}")
     if opts.preset not in PRESETS:
         raise SubmitError(
             f"--preset {opts.preset!r} is unknown; choose one of {', '.join(PRESETS)}"
@@ -486,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:i], argv[i + 1 :]
     opts = build_parser().parse_args(argv)
     try:
+        if opts.preset_table:
+            print(preset_table(opts.mfu))
+            return 0
         script, r = render(opts, extra)
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)

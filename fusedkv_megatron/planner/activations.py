@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..fusion import LayerPlan, layer_plans, live_sources
-from .layout import Chunk, Job, Layout
+from ..fusion import LayerPlan
+from .layout import Chunk, Job, Layout, live, plans
 
 NORM_IMPLS = ("fused", "composite")
 
@@ -128,8 +128,8 @@ def chunk_activations(
 ) -> ChunkActivations:
     """Bytes one microbatch keeps on this chunk's rank until its backward pass."""
     x = _Dims(job, layout, norm_impl)
-    kv = job.kv
-    plans = layer_plans(kv, job.shape.num_layers)
+    kv, layers = job.kv, job.shape.num_layers
+    layer_plan = plans(kv, layers)
     out = ChunkActivations()
     selective = layout.recompute == "selective"
     groups = _recompute_groups(chunk, layout) if layout.recompute == "full" else []
@@ -141,17 +141,16 @@ def chunk_activations(
         # outside this rank's vocabulary shard
         out.add("embedding", x.tokens * (8 + (1 if layout.tp > 1 else 0)))
     else:
-        payload_sources = live_sources(plans, chunk.start) if kv.shares_kv else ()
-        out.payload_in = x.rows * x.h * x.e + x.stack(len(payload_sources))
+        out.payload_in = x.rows * x.h * x.e + x.stack(len(live(kv, layers, chunk.start)))
 
     # The live-source stack entering each layer: ("id", n) of the tensor `context` holds.
     saved_stacks: dict[int, int] = {}
     context: tuple[int, int] | None = None
-    if kv.shares_kv and not chunk.first:
-        n_in = len(live_sources(plans, chunk.start))
+    if not chunk.first:
+        n_in = len(live(kv, layers, chunk.start))
         context = (chunk.start, n_in) if n_in else None  # unpacked from the received tensor
     for i in range(chunk.start, chunk.stop):
-        plan = plans[i]
+        plan = layer_plan[i]
         if i in group_starts:
             # A checkpoint saves its inputs: the hidden state (the received tensor at a chunk
             # start, already held) and the stack passed to it as `context`.
@@ -165,14 +164,13 @@ def chunk_activations(
             out.add("layers", layer)
             if plan.is_reconstruction and context is not None:
                 saved_stacks[context[0]] = x.stack(context[1])
-        if kv.shares_kv:
-            before, after = live_sources(plans, i), live_sources(plans, i + 1)
-            if after != before:
-                context = (i + 1, len(after)) if after else None
+        before, after = live(kv, layers, i), live(kv, layers, i + 1)
+        if after != before:
+            context = (i + 1, len(after)) if after else None
     if groups:
         out.add("recompute inputs", job.seq_length * x.d * 4)  # RoPE frequencies (fp32)
         out.recompute_group = max(
-            sum(_layer_bytes(x, plans[i], kv, False) for i in g) for g in groups
+            sum(_layer_bytes(x, layer_plan[i], kv, False) for i in g) for g in groups
         )
     out.add("source stack", sum(saved_stacks.values()))
     if chunk.last:

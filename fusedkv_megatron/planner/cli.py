@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nlayouts that fit {machine.nodes} x {machine.gpus_per_node} x "
         f"{args.gpu_memory:g} GiB at global batch {layout.global_batch_size}, best estimated "
-        f"throughput first (ties: less model parallelism):"
+        f"throughput first (ties: headroom, then less model parallelism, larger micro-batch):"
     )
     print(search_table(found, args.top) if found else "none")
     return 0 if found else 1

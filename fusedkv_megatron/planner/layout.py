@@ -9,9 +9,11 @@ pipeline; a test compares it with `pipeline.pipeline_chunks` (which calls Megatr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from ..config import KVSharingConfig, KVSharingError
+from ..fusion import LayerPlan, Source, layer_plans, live_sources
 from ..training.model_size import PEAK_BF16_TFLOPS, ModelShape, gpu_peak_tflops, padded_vocab
 
 RECOMPUTE = ("none", "selective", "full")
@@ -132,6 +134,20 @@ class Chunk:
     @property
     def last(self) -> bool:
         return self.index == self.count - 1
+
+
+@functools.cache
+def plans(kv: KVSharingConfig, num_layers: int) -> tuple[LayerPlan, ...]:
+    """`fusion.layer_plans`, computed once per configuration (the search asks many times)."""
+    return tuple(layer_plans(kv, num_layers))
+
+
+@functools.cache
+def live(kv: KVSharingConfig, num_layers: int, after_layer: int) -> tuple[Source, ...]:
+    """`fusion.live_sources` after `after_layer` (1-based count); () without KV sharing."""
+    if not kv.shares_kv:
+        return ()
+    return live_sources(list(plans(kv, num_layers)), after_layer)
 
 
 def chunks(num_layers: int, layout: Layout) -> list[Chunk]:

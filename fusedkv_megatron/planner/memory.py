@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..fusion import layer_plans
 from ..training.model_size import _layer_matmul_params
 from .activations import chunk_activations, logits_transient
-from .layout import Chunk, Job, Layout, chunks
+from .layout import Chunk, Job, Layout, chunks, plans
 
 
 def _layer_params(job: Job, plan, tp: int) -> int:
@@ -41,8 +40,10 @@ def chunk_parameters(job: Job, layout: Layout, chunk: Chunk) -> int:
     chunk, the final norm and output layer on the last (a tied output layer is the input
     embedding without pipelining, a copy on the last stage with it)."""
     shape = job.padded_shape(layout)
-    plans = layer_plans(job.kv, shape.num_layers)
-    total = sum(_layer_params(job, plans[i], layout.tp) for i in range(chunk.start, chunk.stop))
+    layer_plan = plans(job.kv, shape.num_layers)
+    total = sum(
+        _layer_params(job, layer_plan[i], layout.tp) for i in range(chunk.start, chunk.stop)
+    )
     embedding = shape.vocab_size * shape.hidden_size // layout.tp
     if chunk.first:
         total += embedding

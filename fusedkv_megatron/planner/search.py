@@ -95,8 +95,9 @@ def search(
     mfu: float = 0.4,
     norm_impl: str = "fused",
 ) -> list[Plan]:
-    """Every candidate layout that fits, best estimated throughput first; ties go to less
-    model parallelism (fewer TP x PP GPUs), then to larger micro-batches."""
+    """Every candidate layout that fits, best estimated throughput first; among equals, a
+    layout with headroom (peak within 90% of the usable memory) first, then less model
+    parallelism (fewer TP x PP GPUs), then larger micro-batches."""
     found = []
     for layout in candidates(job, machine, global_batch_size, base or Layout()):
         try:
@@ -109,6 +110,7 @@ def search(
         found,
         key=lambda p: (
             -round(p.speed.tokens_per_s, 6),
+            p.peak > 0.9 * p.machine.usable_bytes,
             p.layout.tp * p.layout.pp,
             p.layout.vpp or 1,
             -p.layout.micro_batch_size,

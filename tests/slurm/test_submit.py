@@ -232,6 +232,16 @@ def test_a_layout_predicted_not_to_fit_is_refused_with_layouts_that_fit():
     assert "DOES NOT FIT" in forced.stdout and "submitted anyway" in forced.stdout
 
 
+@pytest.mark.slow
+def test_the_preset_table_in_the_docs_is_the_planners():
+    """docs/planner.md shows what `submit.py --preset-table` prints today."""
+    table = submit.preset_table()
+    assert table.count("\n| ") == sum(not p.cpu for p in PRESETS.values())  # one row each
+    assert table in (REPO / "docs" / "planner.md").read_text(), (
+        "docs/planner.md is out of date: paste `python slurm/submit.py --preset-table`"
+    )
+
+
 @pytest.mark.parametrize("blocked", [("torch",), ("torch", "yaml")])
 def test_a_login_node_without_torch_or_pyyaml(blocked):
     """Without torch the check runs as usual; without PyYAML too, submit says plainly that it
