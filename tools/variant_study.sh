@@ -45,8 +45,9 @@ for key, value in paths.items():
 EOF
 )"
 
-# The model: examples/configs/tiny.yaml at 8 layers (4 storage + 4 top layers), ~4M parameters
-# without embeddings; 256 tokens x 16 sequences per iteration.
+# The model: examples/configs/tiny.yaml at 8 layers (4 storage + 4 top layers): 6.8M parameters
+# without embeddings (vanilla; 8.9M with the tied 8k-vocabulary embedding), 256 tokens x 16
+# sequences per iteration.
 COMMON=(
     --config examples/configs/tiny.yaml
     --num-layers 8

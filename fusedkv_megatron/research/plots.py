@@ -166,11 +166,13 @@ def plot_heatmaps(
     for ax, (name, m) in zip(np.atleast_1d(axes), matrices.items(), strict=True):
         signed = "signed" in name
         lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+        # |w| on the data's own range: small differences between sources stay visible.
+        low = -lim if signed else (float(np.nanmin(m)) if np.isfinite(m).any() else 0.0)
         im = ax.imshow(
             m,
             cmap="RdBu_r" if signed else "viridis",
-            vmin=-lim if signed else 0.0,
-            vmax=lim,
+            vmin=low,
+            vmax=max(lim, low + 1e-12),
             aspect="auto",
         )
         ax.set_xticks(range(len(sources)), [str(s) for s in sources])
@@ -180,7 +182,7 @@ def plot_heatmaps(
         ax.set_title(name, fontsize=9)
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
-                dark = abs(v) > 0.6 * lim if signed else v < 0.6 * lim
+                dark = abs(v) > 0.6 * lim if signed else v < low + 0.6 * (lim - low)
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if dark else "black")  # fmt: skip
         fig.colorbar(im, ax=ax, fraction=0.046)
