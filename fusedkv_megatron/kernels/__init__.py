@@ -10,7 +10,9 @@
 Backend choice: `FUSEDKV_ATTENTION_BACKEND=auto|triton|torch` (or an explicit `backend=`
 argument, which wins). `auto` runs Triton on CUDA tensors and PyTorch elsewhere; `triton` on
 CPU needs `TRITON_INTERPRET=1` (tests only: the interpreter is slow); `torch` always runs the
-reference. The Triton modules are imported only when used.
+reference. The Triton modules are imported only when used. Head dims: any multiple of 16 up
+to 256 (`HEAD_DIMS`; tiles padded to a power of two). What keeps a Megatron layer off the
+kernel: `fused_kernel_blockers` (configuration) and `fused_attention_applies` (device, dtype).
 """
 
 from __future__ import annotations

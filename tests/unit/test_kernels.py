@@ -450,3 +450,45 @@ def test_gpu_decode_bound_holds_for_the_kernels_roundings():
     assert ((simulated.transpose(1, 2) - truth).abs() / bound).max() < 0.25
     wrong = reconstruction_decode_reference(q.float(), srcs[:2], [ws[0], None], srcs[2:], ws[2:])
     assert ((wrong - truth).abs() / bound).max() > 1.5
+
+
+def test_int32_offset_guard_checks_every_tensor():
+    """The kernels index the batch in int64 and the rest in int32: a tensor whose largest
+    offset within one sequence exceeds int32 is refused by name (shapes only: meta tensors)."""
+    from fusedkv_megatron.kernels.triton_common import check_int32_offsets
+
+    small = torch.empty((64, 1, 2, 128), device="meta")
+    big = torch.empty((2**20, 1, 2, 2048), device="meta")  # s * stride_s ~ 2**32
+    with pytest.raises(ValueError, match=r"do \(1048576, 1, 2, 2048\).*exceeds int32"):
+        check_int32_offsets(1, q=small, do=big)
+    strided = torch.empty((2**16, 2, 2**8, 128), device="meta").transpose(0, 2)  # a view
+    with pytest.raises(ValueError, match="source"):
+        check_int32_offsets(1, q=small, source=strided[:, :1])
+    check_int32_offsets(1, q=torch.empty((16, 2**22, 2, 128), device="meta"))  # batch: int64
+
+
+def test_launch_runs_under_the_tensors_device(monkeypatch):
+    """`launch` makes the tensors' CUDA device current (Triton launches on the current one)."""
+    from contextlib import contextmanager
+
+    from fusedkv_megatron.kernels import launch as L
+
+    entered = []
+
+    @contextmanager
+    def fake_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: entered.append("ran")
+
+    cfg = L.KernelConfig(16, 16, 1, 1)
+    L.launch(Kernel(), "test", 16, cfg, lambda c: ((1,), (), {}), torch.device("cuda", 1))
+    assert entered == [torch.device("cuda", 1), "ran"]
+    entered.clear()
+    L.launch(Kernel(), "test", 16, cfg, lambda c: ((1,), (), {}), torch.device("cpu"))
+    assert entered == ["ran"]

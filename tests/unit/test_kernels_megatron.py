@@ -75,6 +75,8 @@ MODEL_CASES = {
     "fusedkv_lite_learnable": ("fusedkv_lite_learnable", {}, {}),
     "yoco": ("yoco", {}, {}),
     "cla": ("cla", {}, {}),
+    # a head dim that is not a power of two (padded tiles), with RoPE-pair tied key weights
+    "fusedkv-head-dim-48": ("fusedkv", {}, {"kv_channels": 48}),
     "fusedkv-full-recompute": (
         "fusedkv",
         {},
