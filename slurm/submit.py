@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_check import MemoryCheckError, memory_check, preset_table  # noqa: E402
 from presets import PRESETS, Preset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,99 +214,6 @@ def _layout(preset: Preset, nodes: int, gpus: int | None = None) -> str:
     return f"{nodes} node(s) x {gpus} GPUs, TP={tp} PP={pp} DP={nodes * gpus // (tp * pp)}"
 
 
-def load_planner():
-    """fusedkv_megatron.planner.cli from this checkout, or None and why it cannot be imported
-    (the planner needs no torch, but its config reading needs PyYAML)."""
-    if str(REPO) not in sys.path:
-        sys.path.append(str(REPO))
-    try:
-        from fusedkv_megatron.planner import cli
-    except ImportError as e:
-        return None, f"{type(e).__name__}: {e}"
-    return cli, None
-
-
-def memory_check(
-    opts: argparse.Namespace, config: Path, nodes: int, nproc: int, tp: int, pp: int, extra
-) -> list[str]:
-    """The planner's prediction for this job as script-header lines. Raises SubmitError when
-    the layout is predicted not to fit (unless --ignore-memory-check), naming layouts that fit."""
-    cli, why = load_planner()
-    if cli is None:
-        return [f"memory check: not done, the planner cannot be imported here ({why})"]
-    argv = ["--config", str(config)]
-    argv += ["--kv-sharing", opts.kv_sharing] if opts.kv_sharing else []
-    argv += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
-    argv += list(extra)
-    argv += ["--gpus-per-node", str(nproc), "--nodes", str(nodes)]
-    argv += ["--gpu-memory", str(opts.gpu_memory), "--gpu-kind", opts.gpu_kind]
-    argv += ["--mfu", str(opts.mfu)]
-    try:
-        planned, _ = cli.plan_from_argv(argv)
-    except SystemExit:
-        return ["memory check: not done, the planner rejects the trainer arguments (above)"]
-    except ValueError as e:  # the trainer's or the planner's named error
-        raise SubmitError(f"the trainer would refuse this job: {e}") from None
-    lines = [f"predicted (fusedkv-plan): {cli.summary(planned)}"]
-    if planned.fits:
-        return lines
-    if opts.ignore_memory_check:
-        return [*lines, "memory check: predicted not to fit, submitted anyway"]
-    batch = planned.layout.global_batch_size
-    fitting = cli.search(planned.job, planned.machine, batch, planned.layout, opts.mfu)[:5]
-    suggestions = "\n".join(
-        f"  -- {' '.join(cli.layout_flags(p.layout))}   ({cli.gib(p.peak)} GiB, "
-        f"{p.speed.tokens_per_s:,.0f} tokens/s)"
-        for p in fitting
-    )
-    raise SubmitError(
-        f"{planned.layout.describe()} is predicted not to fit: {cli.summary(planned)}.\n"
-        + (
-            f"Layouts that fit (trainer flags after --):\n{suggestions}\n"
-            if fitting
-            else "No layout of this machine and global batch fits; add nodes or GPU memory.\n"
-        )
-        + "Pass --ignore-memory-check to submit anyway (docs/planner.md: the model, its limits)"
-    )
-
-
-TABLE_GPUS = ((80.0, "H100"), (141.0, "H200"))
-
-
-def preset_table(mfu: float = 0.4) -> str:
-    """Every GPU preset's layout with its predicted per-GPU peak and throughput on 80 GB and
-    141 GB GPUs, and the fastest layout the planner finds for each (a Markdown table)."""
-    cli, why = load_planner()
-    if cli is None:
-        raise SubmitError(f"the planner cannot be imported here ({why})")
-    rows = [
-        "| preset | GPUs | preset layout | peak / GPU, 80 GB | peak / GPU, 141 GB | tokens/s "
-        "(MFU 40%) | fastest that fits, 80 GB | fastest that fits, 141 GB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for preset in (p for p in PRESETS.values() if not p.cpu):
-        config = REPO / "examples" / "configs" / f"{preset.name}.yaml"
-        cells, best = [], []
-        for memory, kind in TABLE_GPUS:
-            planned, _ = cli.plan_from_argv(
-                ["--config", str(config), "--gpus-per-node", str(preset.gpus_per_node),
-                 "--nodes", str(preset.nodes), "--gpu-memory", str(memory), "--gpu-kind", kind,
-                 "--mfu", str(mfu)]
-            )  # fmt: skip
-            verdict = "fits" if planned.fits else "does not fit"
-            cells.append(f"{cli.gib(planned.peak)} GiB ({verdict})")
-            lay = planned.layout
-            found = cli.search(planned.job, planned.machine, lay.global_batch_size, lay, mfu)
-            best.append(
-                found[0].layout.describe() + f", {cli.gib(found[0].peak)} GiB" if found else "none"
-            )
-        rows.append(
-            f"| {preset.name} | {preset.nodes} x {preset.gpus_per_node} | {lay.describe()} | "
-            f"{cells[0]} | {cells[1]} | {planned.speed.tokens_per_s:,.0f} | {best[0]} | {best[1]} |"
-        )
-    return "\n".join(rows)
-
-
 def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
     """Check the options against the preset and return what the template needs."""
     if opts.preset is None:
@@ -386,7 +294,10 @@ def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
         )
 
     if gpus:
-        plan_lines = memory_check(opts, config, nodes, nproc, tp, pp, extra)
+        try:
+            plan_lines = memory_check(opts, config, nodes, nproc, tp, pp, extra)
+        except MemoryCheckError as e:
+            raise SubmitError(str(e)) from None
     else:
         plan_lines = ["memory check: a CPU run, not planned"]
 
@@ -535,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             print(preset_table(opts.mfu))
             return 0
         script, r = render(opts, extra)
-    except SubmitError as e:
+    except (SubmitError, MemoryCheckError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if opts.dry_run:
