@@ -23,7 +23,7 @@ TOP_HALF_VARIANTS = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable"
 LEARNABLE_VARIANTS = ("fusedkv", "fusedkv_lite_learnable", "dense_probe")
 # Variants whose sources are the configurable pair (bottom, middle) of `source_layers`.
 SOURCE_PAIR_VARIANTS = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable")
-FUSION_INITS = ("normal", "lite", "uniform")
+FUSION_INITS = ("normal", "lite", "uniform", "equivalent")
 
 
 class KVSharingError(ValueError):
@@ -42,7 +42,8 @@ class KVSharingConfig:
     fusion_init: "normal" (the paper: every weight ~ N(0, 1)), "lite" (1 on the Lite source,
         0 on the others; our own sanity option, not from the paper) or "uniform" (every weight
         of a K or V with m terms = 1/m: an average that favours no source, the dense_probe's
-        intended start).
+        intended start) or "equivalent" (the paper's appendix: standard fusion starting as its
+        iterative-fusion scheme with N(0, 1) auxiliary weights; docs/uptraining.md).
 
     dense_probe is the paper's information-flow probe (its Fig. 2): every top-half layer fuses
     the K (and V) of ALL storage layers 1..L/2 with learnable per-channel weights; its learned
@@ -78,7 +79,7 @@ class KVSharingConfig:
         if self.fusion_init not in FUSION_INITS:
             raise KVSharingError(
                 f"fusion_init={self.fusion_init!r} is not known; choose 'normal' (the paper), "
-                "'lite' or 'uniform'"
+                "'equivalent' (the paper's appendix), 'lite' or 'uniform'"
             )
         groups = num_query_groups or num_attention_heads
         if num_attention_heads % groups:
@@ -119,6 +120,12 @@ class KVSharingConfig:
                     f"source_layers={(bottom, middle)} out of range for num_layers={num_layers}: "
                     f"need 1 <= bottom < middle <= L/2 = {n} (sources must be storage layers); "
                     f"the default is (1, {n})"
+                )
+            if self.fusion_init == "equivalent" and v in LEARNABLE_VARIANTS and middle != n:
+                raise KVSharingError(
+                    f"fusion_init='equivalent' needs the middle source at L/2 = {n} (its "
+                    f"iterative chain starts at layer L/2 + 1), got source_layers="
+                    f"{(bottom, middle)}; use source_layers=(1, {n}) or another fusion_init"
                 )
         elif self.source_layers is not None:
             raise KVSharingError(

@@ -115,22 +115,83 @@ def fuse(sources: list[torch.Tensor], weights: list[torch.Tensor | None]) -> tor
 
 
 def init_fusion_weight(
-    weight: torch.Tensor, kv: KVSharingConfig, term: Term, plan: LayerPlan
+    weight: torch.Tensor, kv: KVSharingConfig, term: Term, plan: LayerPlan, seed: int = 0
 ) -> None:
-    """Fill one fusion vector in place per `kv.fusion_init`."""
+    """Fill one fusion vector in place per `kv.fusion_init`.
+
+    "normal" draws from torch's current generator; "equivalent" is a deterministic function of
+    (seed, layer, source) (see `equivalent_fusion_weight`); "lite" and "uniform" are constants.
+    """
     import torch
 
     with torch.no_grad():
         if kv.fusion_init == "normal":
             weight.normal_(0.0, 1.0)
             return
+        if kv.fusion_init == "equivalent":
+            weight.copy_(equivalent_fusion_weight(tuple(weight.shape), term, plan, seed))
+            return
         if kv.fusion_init == "uniform":  # the mean of the sources: none favoured
             weight.fill_(1.0 / len(plan.key if term.source[1] == "k" else plan.value))
             return
         # "lite": reproduce FusedKV-Lite at step 0 (K from the middle layer, V from the bottom).
-        layers = [t.source[0] for t in (plan.key if term.source[1] == "k" else plan.value)]
-        lite_layer = max(layers) if term.source[1] == "k" else min(layers)
+        kind = term.source[1]
+        lite_layer = _anchor(plan.key if kind == "k" else plan.value, kind)
         weight.fill_(1.0 if term.source[0] == lite_layer else 0.0)
+
+
+def _anchor(terms: tuple[Term, ...], kind: str) -> int:
+    """The source a K (V) chain re-anchors on: the middle (bottom) layer, as FusedKV-Lite."""
+    layers = [t.source[0] for t in terms]
+    return max(layers) if kind == "k" else min(layers)
+
+
+def equivalent_auxiliary(
+    shape: tuple[int, ...], seed: int, layer: int, kind: str, source: str
+) -> torch.Tensor:
+    """One N(0, 1) auxiliary vector of the iterative scheme: the weight that `layer` puts on
+    `source` ("prev" for the layer below it, else a source layer number) for `kind` ("k"/"v").
+    Drawn from its own generator keyed by the arguments, so every call agrees on it."""
+    import hashlib
+
+    import torch
+
+    key = f"{seed}:fusion-equivalent:{layer}:{kind}:{source}".encode()
+    gen = torch.Generator().manual_seed(
+        int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+    )
+    return torch.randn(shape, generator=gen)
+
+
+def equivalent_fusion_weight(
+    shape: tuple[int, ...], term: Term, plan: LayerPlan, seed: int = 0
+) -> torch.Tensor:
+    """The weight of `term` in layer `plan.layer_number` under the "equivalent" initialisation.
+
+    The iterative scheme (the paper's appendix) builds the first top layer's K (V) from its
+    sources with auxiliary weights and every later layer i from layer i-1's K (V) plus one anchor
+    source (K: the middle layer, V: the bottom layer):
+        X_first = sum_j c'_{first,j} X_j,   X_i = c'_{i,prev} X_{i-1} + c'_{i,anchor} X_anchor.
+    Unrolled, X_i is a weighted sum of the sources alone with
+        c_{first,j} = c'_{first,j},   c_{i,j} = c'_{i,prev} c_{i-1,j} + [j == anchor] c'_{i,anchor},
+    which is what standard fusion starts from here (docs/uptraining.md). The first top layer is
+    the one above the highest source (L/2 + 1; the config requires the middle source at L/2).
+    """
+    kind = term.source[1]
+    terms = plan.key if kind == "k" else plan.value
+    anchor = _anchor(terms, kind)
+    first = max(t.source[0] for t in plan.key + plan.value) + 1
+    if plan.layer_number < first:
+        raise ValueError(
+            f"layer {plan.layer_number} is below the first top layer {first}: the equivalent "
+            "initialisation needs every source below the reconstruction layers"
+        )
+    coeff = equivalent_auxiliary(shape, seed, first, kind, str(term.source[0]))
+    for i in range(first + 1, plan.layer_number + 1):
+        coeff = equivalent_auxiliary(shape, seed, i, kind, "prev") * coeff
+        if term.source[0] == anchor:
+            coeff = coeff + equivalent_auxiliary(shape, seed, i, kind, str(anchor))
+    return coeff
 
 
 def fusion_parameter_count(

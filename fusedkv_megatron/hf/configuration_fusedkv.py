@@ -24,7 +24,7 @@ KV_SHARING_VARIANTS = (
 )
 _TOP_HALF = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable", "dense_probe")
 _SOURCE_PAIR = ("yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable")
-FUSION_INITS = ("normal", "lite", "uniform")
+FUSION_INITS = ("normal", "lite", "uniform", "equivalent")
 
 # A term of a reconstructed K or V: (0-based source layer, weighted by a learnable vector).
 Term = tuple[int, bool]
@@ -64,8 +64,8 @@ class FusedKVConfig(Qwen3Config):
     kv_sharing: one of KV_SHARING_VARIANTS; `kv_sharing_plan` gives every layer's sources.
     kv_source_layers: 1-based (bottom, middle) source layers; None means (1, L/2).
     fusion_weights_per_head: fusion weights [kv_heads, d] (True) or one shared [1, d] (False).
-    fusion_init: "normal" (the paper), "lite" or "uniform", used only to initialise a fresh
-        model.
+    fusion_init: "normal" (the paper), "lite", "uniform" or "equivalent", used only to
+        initialise a fresh model.
     rotary_interleaved: RoPE pairs channels (2j, 2j+1) instead of (j, j + d/2) (rotate-half).
     """
 

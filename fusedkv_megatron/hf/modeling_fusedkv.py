@@ -304,10 +304,37 @@ class FusedKVPreTrainedModel(PreTrainedModel):
                 w = getattr(module, f"{kind}_weight_{j}")
                 if self.config.fusion_init == "normal":
                     init.normal_(w, mean=0.0, std=1.0)
+                elif self.config.fusion_init == "equivalent":
+                    want = equivalent_fusion_weight(tuple(w.shape), module.layer_idx, kind, j,
+                                                    module.plan)  # fmt: skip
+                    init.copy_(w, want)
                 elif self.config.fusion_init == "uniform":
                     init.constant_(w, 1.0 / len(terms))
                 else:
                     init.constant_(w, 1.0 if layer == lite else 0.0)
+
+
+def equivalent_fusion_weight(shape, layer_idx: int, kind: str, j: int, plan) -> torch.Tensor:
+    """fusion_init="equivalent" (the paper appendix's start that reproduces iterative fusion):
+    the same values as the trainer's rule at seed 0 (fusedkv_megatron.fusion, 1-based layers).
+    Chain: c_first = a'_first; c_i = a'_{i,prev} c_{i-1} (+ a'_{i,anchor} on the anchor term;
+    anchor: the middle layer for keys, the bottom layer for values)."""
+    import hashlib
+
+    def aux(layer: int, source: str) -> torch.Tensor:
+        key = f"0:fusion-equivalent:{layer}:{kind[0]}:{source}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    terms = plan[0] if kind == "key" else plan[1]
+    layers = [t[0] + 1 for t in terms]
+    anchor = max(layers) if kind == "key" else min(layers)
+    source = layers[j]
+    first = max(t[0] + 1 for t in plan[0] + plan[1]) + 1
+    coeff = aux(first, str(source))
+    for i in range(first + 1, layer_idx + 2):
+        coeff = aux(i, "prev") * coeff + (aux(i, str(anchor)) if source == anchor else 0.0)
+    return coeff
 
 
 class FusedKVModel(FusedKVPreTrainedModel):

@@ -10,7 +10,9 @@ accept a `--no-` form (e.g. `--no-bf16`) so a command line can switch off what a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FUSION_INITS,
         default="normal",
         help="fusion weight init: normal = N(0,1) as in the paper; lite = our Lite-equivalent "
-        "start; uniform = 1/(number of sources) each (the dense_probe's start)",
+        "start; uniform = 1/(number of sources) each (the dense_probe's start); equivalent = "
+        "the paper appendix's start that reproduces iterative fusion (docs/uptraining.md)",
     )
     _bool(
         g,
@@ -209,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", type=str, default=None)
+    g.add_argument(
+        "--wandb-project",
+        type=str,
+        default=None,
+        help="also log every TensorBoard scalar to this Weights & Biases project "
+        "(pip install 'fusedkv_megatron[wandb]'; WANDB_MODE=offline logs without a network)",
+    )
+    g.add_argument("--wandb-exp-name", type=str, default=None, help="the W&B run name")
+    g.add_argument(
+        "--wandb-save-dir",
+        type=str,
+        default=None,
+        help="where W&B writes its files (default: SAVE/wandb with --save, else ./wandb)",
+    )
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", type=str, default=None)
@@ -247,11 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     _bool(g, "--mock-data", "train on generated tokens (no dataset needed)")
     g.add_argument(
         "--tokenizer-type",
-        choices=("SentencePieceTokenizer", "NullTokenizer"),
+        choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"),
         default=None,
-        help="default SentencePieceTokenizer with --tokenizer-model, NullTokenizer otherwise",
+        help="default with --tokenizer-model: HuggingFaceTokenizer for a directory, "
+        "SentencePieceTokenizer for a file; NullTokenizer without it",
     )
-    g.add_argument("--tokenizer-model", type=str, default=None)
+    g.add_argument(
+        "--tokenizer-model",
+        type=str,
+        default=None,
+        help="a SentencePiece .model file, or a local Hugging Face tokenizer directory",
+    )
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
     return p
 
@@ -469,9 +492,17 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
             "or --mock-data for generated tokens"
         )
     if args.tokenizer_type is None:
-        args.tokenizer_type = "SentencePieceTokenizer" if args.tokenizer_model else "NullTokenizer"
-    if args.tokenizer_type == "SentencePieceTokenizer" and not args.tokenizer_model:
-        raise ArgumentError("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model PATH")
+        if not args.tokenizer_model:
+            args.tokenizer_type = "NullTokenizer"
+        elif os.path.isdir(args.tokenizer_model):
+            args.tokenizer_type = "HuggingFaceTokenizer"
+        else:
+            args.tokenizer_type = "SentencePieceTokenizer"
+    if args.tokenizer_type != "NullTokenizer" and not args.tokenizer_model:
+        what = "DIR" if args.tokenizer_type == "HuggingFaceTokenizer" else "PATH"
+        raise ArgumentError(
+            f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model {what}"
+        )
     if args.tokenizer_type == "NullTokenizer":
         if args.tokenizer_model:
             raise ArgumentError("--tokenizer-model is set but --tokenizer-type is NullTokenizer")
@@ -479,6 +510,14 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
             if not args.mock_data:
                 raise ArgumentError("NullTokenizer needs --vocab-size (the largest token id + 1)")
             args.vocab_size = 512
+    if (args.wandb_exp_name or args.wandb_save_dir) and not args.wandb_project:
+        raise ArgumentError("--wandb-exp-name/--wandb-save-dir need --wandb-project NAME")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ArgumentError(
+            f"--wandb-project {args.wandb_project} needs the wandb package, which is not "
+            "installed: pip install 'fusedkv_megatron[wandb]' (or pip install wandb), or drop "
+            "--wandb-project"
+        )
     if args.exit_duration_in_mins is not None and not math.isfinite(args.exit_duration_in_mins):
         raise ArgumentError(f"--exit-duration-in-mins={args.exit_duration_in_mins} must be finite")
     return args
