@@ -178,6 +178,20 @@ def hf_to_megatron(
     cfg = load_hf_config(hf_dir)
     model, kv = run_info_sections_from_hf_config(cfg)
     state = hf_to_megatron_state_dict(load_hf_tensors(hf_dir), cfg)
+    tokenizer, sp_file = hf_tokenizer_section(hf_dir, cfg)
+    parallel = {
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "virtual_pipeline_model_parallel_size": None,
+        "data_parallel_size": 1,
+    }
+    info = ckpt_format.make_run_info(iteration, model, kv, tokenizer, parallel)
+    return save_megatron_checkpoint(state, info, save, tp=tp, pp=pp, tokenizer_file=sp_file)
+
+
+def hf_tokenizer_section(hf_dir: Path, cfg) -> tuple[dict, Path | None]:
+    """The run info's "tokenizer" section for an HF directory, and its SentencePiece model file
+    (None without one: the checkpoint then records a NullTokenizer of the vocabulary size)."""
     sp_file = hf_dir / SP_MODEL_FILE
     eod = _first_id(cfg.eos_token_id)
     if sp_file.is_file():
@@ -200,16 +214,7 @@ def hf_to_megatron(
             "vocab_size": cfg.vocab_size,
             "eod_id": eod,
         }
-    parallel = {
-        "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": pp,
-        "virtual_pipeline_model_parallel_size": None,
-        "data_parallel_size": 1,
-    }
-    info = ckpt_format.make_run_info(iteration, model, kv, tokenizer, parallel)
-    return save_megatron_checkpoint(
-        state, info, save, tp=tp, pp=pp, tokenizer_file=sp_file if sp_file.is_file() else None
-    )
+    return tokenizer, sp_file if sp_file.is_file() else None
 
 
 # ----------------------------------------------------------------------------- CLIs
