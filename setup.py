@@ -34,6 +34,7 @@ setup(
             "fusedkv-pretrain=fusedkv_megatron.pretrain:main",
             "fusedkv-convert-hf=fusedkv_megatron.hf.convert:main_to_hf",
             "fusedkv-convert-megatron=fusedkv_megatron.hf.convert:main_to_megatron",
+            "fusedkv-convert-variant=fusedkv_megatron.uptrain:main",
             "fusedkv-plan=fusedkv_megatron.planner.cli:main",
             "fusedkv-compare=fusedkv_megatron.research.compare:main",
             "fusedkv-probe-report=fusedkv_megatron.research.probe:main",
