@@ -183,7 +183,7 @@ def plot_heatmaps(
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
                 dark = abs(v) > 0.6 * lim if signed else v < low + 0.6 * (lim - low)
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6,
                         color="white" if dark else "black")  # fmt: skip
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=10)
