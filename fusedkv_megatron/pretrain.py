@@ -100,7 +100,8 @@ def _run(args, signals) -> int:
 
     rt = setup(args)
     a = args
-    tokenizer_file = a.tokenizer_model if a.tokenizer_type == "SentencePieceTokenizer" else None
+    stored_as = fmt.tokenizer_entry(a.tokenizer_type)  # a file or directory kept with checkpoints
+    tokenizer_file = a.tokenizer_model if stored_as else None
     run_info = fmt.make_run_info(
         0,
         model=fmt.model_section(
@@ -113,7 +114,7 @@ def _run(args, signals) -> int:
         kv_sharing=rt.kv,
         tokenizer=dict(
             type=a.tokenizer_type,
-            model_file=fmt.TOKENIZER_FILE if tokenizer_file else None,
+            model_file=stored_as if tokenizer_file else None,
             vocab_size=rt.tokenizer.vocab_size,
             eod_id=rt.tokenizer.eod,
         ),

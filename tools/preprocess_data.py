@@ -5,6 +5,12 @@
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tokenizers/my.model \
         --append-eod --workers 4
 
+or, with a local Hugging Face tokenizer directory (Megatron-LM's HuggingFaceTokenizer),
+
+    python tools/preprocess_data.py --input data.jsonl --output-prefix data/my \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model path/to/Llama-3.2-1B \
+        --append-eod --workers 4
+
 writes data/my_text_document.bin/.idx (pass data/my_text_document to --data-path). The logic
 lives in fusedkv_megatron/training/preprocess.py
 (its command line in preprocess_cli.py); --help lists every option.

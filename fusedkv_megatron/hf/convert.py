@@ -29,7 +29,12 @@ from .mapping import (
     megatron_to_hf_state_dict,
     run_info_sections_from_hf_config,
 )
-from .tokenizer import SP_MODEL_FILE, export_sentencepiece
+from .tokenizer import (
+    SP_MODEL_FILE,
+    export_hf_tokenizer,
+    export_sentencepiece,
+    hf_tokenizer_run_info,
+)
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -91,18 +96,20 @@ def megatron_to_hf(
     tok_file = None
     if not no_tokenizer:
         tok_file = tokenizer_model or ckpt_format.tokenizer_path(ckpt_dir, info)
-        if tok_file is not None and not Path(tok_file).is_file():
+        if tok_file is not None and not Path(tok_file).exists():
             raise ConversionError(
-                f"tokenizer model {tok_file} not found ({ckpt_dir / ckpt_format.RUN_FILE} names "
-                f"a {info['tokenizer']['type']}); pass --tokenizer-model PATH to the .model file, "
-                "or --no-tokenizer to export the weights alone"
+                f"tokenizer {tok_file} not found ({ckpt_dir / ckpt_format.RUN_FILE} names "
+                f"a {info['tokenizer']['type']}); pass --tokenizer-model PATH (the .model file "
+                "or Hugging Face tokenizer directory), or --no-tokenizer to export the weights alone"
             )
     cfg = hf_config_from_run_info(info, dtype)
     tensors = megatron_to_hf_state_dict(state, cfg)
     _prepare_out_dir(out)
     write_hf_weights(cfg, tensors, out, dtype, max_shard_size)
     eod = info["tokenizer"]["eod_id"]
-    if tok_file is not None:
+    if tok_file is not None and Path(tok_file).is_dir():
+        export_hf_tokenizer(tok_file, out, eod)
+    elif tok_file is not None:
         export_sentencepiece(tok_file, out, eod)
     elif not no_tokenizer:
         log.warning("%s uses %s: no tokenizer files written", ckpt_dir, info["tokenizer"]["type"])
@@ -190,8 +197,12 @@ def hf_to_megatron(
 
 
 def hf_tokenizer_section(hf_dir: Path, cfg) -> tuple[dict, Path | None]:
-    """The run info's "tokenizer" section for an HF directory, and its SentencePiece model file
-    (None without one: the checkpoint then records a NullTokenizer of the vocabulary size)."""
+    """The run info's "tokenizer" section for an HF directory, and what the checkpoint stores of
+    it: the SentencePiece model file, the directory of a Hugging Face tokenizer, or None without
+    a tokenizer (the checkpoint then records a NullTokenizer of the vocabulary size)."""
+    hf_tokenizer = hf_tokenizer_run_info(hf_dir, cfg.vocab_size)
+    if hf_tokenizer is not None:  # a Hugging Face tokenizer: its files go with the checkpoint
+        return hf_tokenizer, hf_dir
     sp_file = hf_dir / SP_MODEL_FILE
     eod = _first_id(cfg.eos_token_id)
     if sp_file.is_file():
@@ -245,7 +256,8 @@ def main_to_hf(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--tokenizer-model",
-        help="SentencePiece .model to export instead of the checkpoint's tokenizer.model",
+        help="SentencePiece .model or Hugging Face tokenizer directory to export instead of "
+        "the tokenizer stored with the checkpoint",
     )
     p.add_argument("--no-tokenizer", action="store_true", help="write weights and configs only")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 2GB)")

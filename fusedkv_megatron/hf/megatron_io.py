@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -316,7 +315,7 @@ def save_megatron_checkpoint(
                 ),
             )
     if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, target / ckpt_format.TOKENIZER_FILE)
+        ckpt_format.copy_tokenizer(tokenizer_file, target)
     ckpt_format.write_run_info(target, info)
     ckpt_format.write_latest_iteration(root, info["iteration"])
     return target

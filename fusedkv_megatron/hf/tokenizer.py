@@ -1,6 +1,8 @@
-"""The trainer's SentencePiece model as a Hugging Face tokenizer that loads offline.
+"""The trainer's tokenizer written next to an HF export, so `AutoTokenizer.from_pretrained(DIR)`
+works from the export alone, offline.
 
-The export is a `tokenizers` tokenizer (tokenizer.json) built from the SentencePiece model's
+A Hugging Face tokenizer (--tokenizer-type HuggingFaceTokenizer) is copied as it is: its
+tokenizer files from the checkpoint's `tokenizer/` directory. A SentencePiece model's export is a `tokenizers` tokenizer (tokenizer.json) built from the SentencePiece model's
 own settings (normalizer, dummy prefix, BPE or unigram, byte fallback), so it needs neither
 sentencepiece nor this package to load, and it encodes text exactly as the trainer did
 (`SentencePieceProcessor.EncodeAsIds`: no BOS/EOS added). The .model file is copied alongside so
@@ -15,6 +17,9 @@ from pathlib import Path
 from .mapping import ConversionError
 
 SP_MODEL_FILE = "tokenizer.model"
+# An HF export carries tokenizer.json; a tokenizer.model beside it marks a SentencePiece export
+# (the way back reads it as one), so an HF tokenizer's own sentencepiece files are left out.
+_SP_FILES = (SP_MODEL_FILE, "spiece.model")
 
 
 def _load_proto(model_file: Path):
@@ -70,3 +75,60 @@ def export_sentencepiece(model_file: str | Path, out_dir: str | Path, eod_id: in
     tokenizer.save_pretrained(out_dir)
     shutil.copyfile(model_file, out_dir / SP_MODEL_FILE)
     return tokenizer
+
+
+def export_hf_tokenizer(source_dir: str | Path, out_dir: str | Path, eod_id: int):
+    """Copy a Hugging Face tokenizer's files from `source_dir` (the checkpoint's tokenizer/
+    directory) into `out_dir`; return the tokenizer loaded back from `out_dir`. The trainer's
+    end-of-document id `eod_id` must be the tokenizer's EOS."""
+    from transformers import AutoTokenizer
+
+    from ..training.tokenizer import hf_tokenizer_files
+
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    files = hf_tokenizer_files(source_dir) if source_dir.is_dir() else []
+    if not files:
+        raise ConversionError(
+            f"no Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json) in "
+            f"{source_dir}; pass --tokenizer-model DIR, or --no-tokenizer to export weights only"
+        )
+    fast = any(f.name == "tokenizer.json" for f in files)
+    for f in files:
+        if not (fast and f.name in _SP_FILES):
+            shutil.copyfile(f, out_dir / f.name)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    if tokenizer.eos_token_id != eod_id:
+        raise ConversionError(
+            f"the tokenizer in {source_dir} has eos_token_id={tokenizer.eos_token_id}, but the "
+            f"checkpoint was trained with eod_id={eod_id}; pass the training run's tokenizer "
+            "directory with --tokenizer-model"
+        )
+    return tokenizer
+
+
+def hf_tokenizer_run_info(hf_dir: str | Path, padded_vocab_size: int) -> dict | None:
+    """The run info's "tokenizer" section of an HF export whose tokenizer is a Hugging Face one
+    (no tokenizer.model; tokenizer.json or tokenizer_config.json), or None without one."""
+    from transformers import AutoTokenizer
+
+    from ..training.checkpoint_format import TOKENIZER_DIR
+    from ..training.tokenizer import hf_tokenizer_files
+
+    hf_dir = Path(hf_dir)
+    names = {f.name for f in hf_tokenizer_files(hf_dir)}
+    has_hf_tokenizer = bool(names & {"tokenizer.json", "tokenizer_config.json"})
+    if (hf_dir / SP_MODEL_FILE).is_file() or not has_hf_tokenizer:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    if tokenizer.eos_token_id is None or len(tokenizer) > padded_vocab_size:
+        raise ConversionError(
+            f"the tokenizer in {hf_dir} (vocab {len(tokenizer)}, eos {tokenizer.eos_token_id}) "
+            f"does not fit the model's {padded_vocab_size} embeddings with an eos token; "
+            "remove its files to convert the weights alone"
+        )
+    return {
+        "type": "HuggingFaceTokenizer",
+        "model_file": TOKENIZER_DIR,
+        "vocab_size": len(tokenizer),
+        "eod_id": tokenizer.eos_token_id,
+    }

@@ -8,6 +8,8 @@ Layout (as Megatron-LM's):
     DIR/iter_0000100/                       a dist_checkpointing torch_dist directory
     DIR/iter_0000100/fusedkv_run.json       model + KV-sharing + tokenizer + parallel layout
     DIR/iter_0000100/tokenizer.model        a copy of the SentencePiece model, when one is used
+    DIR/iter_0000100/tokenizer/             a copy of the Hugging Face tokenizer's files
+                                            (tokenizer.json, tokenizer_config.json, ...)
 
 `fusedkv_run.json` (format_version 1):
 
@@ -17,7 +19,8 @@ Layout (as Megatron-LM's):
                "rotary_base", "rotary_interleaved", "layernorm_epsilon", "normalization",
                "share_embeddings_and_output_weights"},
      "kv_sharing": {"variant", "source_layers", "weights_per_head", "fusion_init"},
-     "tokenizer": {"type", "model_file" (null without a file), "vocab_size", "eod_id"},
+     "tokenizer": {"type", "model_file" ("tokenizer.model", "tokenizer" or null), "vocab_size",
+                   "eod_id"},
      "parallel": {"tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "virtual_pipeline_model_parallel_size", "data_parallel_size"}}
 
@@ -47,6 +50,7 @@ FORMAT_VERSION = 1
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RUN_FILE = "fusedkv_run.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_DIR = "tokenizer"
 
 MODEL_KEYS = (
     "num_layers",
@@ -361,6 +365,45 @@ def tokenizer_path(checkpoint_dir: str | os.PathLike, info: dict[str, Any]) -> P
     """The tokenizer model file stored with the checkpoint, or None (NullTokenizer/mock)."""
     name = info["tokenizer"]["model_file"]
     return None if name is None else Path(checkpoint_dir) / name
+
+
+def tokenizer_entry(tokenizer_type: str) -> str | None:
+    """The run info's "model_file" for a tokenizer type: what the checkpoint stores of it."""
+    return {"SentencePieceTokenizer": TOKENIZER_FILE, "HuggingFaceTokenizer": TOKENIZER_DIR}.get(
+        tokenizer_type
+    )
+
+
+def copy_tokenizer(source: str | os.PathLike, checkpoint_dir: str | os.PathLike) -> Path:
+    """Store the tokenizer with a checkpoint: a SentencePiece .model file as TOKENIZER_FILE, a
+    Hugging Face tokenizer directory's tokenizer files (not its weights) under TOKENIZER_DIR."""
+    from .tokenizer import hf_tokenizer_files
+
+    source = Path(source)
+    if not source.is_dir():
+        target = Path(checkpoint_dir) / TOKENIZER_FILE
+        shutil.copyfile(source, target)
+        return target
+    target = Path(checkpoint_dir) / TOKENIZER_DIR
+    target.mkdir(exist_ok=True)
+    for f in hf_tokenizer_files(source):
+        shutil.copyfile(f, target / f.name)
+    return target
+
+
+def tokenizer_differences(stored: str | os.PathLike, source: str | os.PathLike) -> list[str]:
+    """The tokenizer files in which a checkpoint's stored tokenizer and `source` differ (a file
+    for SentencePiece, a directory's tokenizer files for Hugging Face); empty when alike."""
+    from .tokenizer import hf_tokenizer_files
+
+    stored, source = Path(stored), Path(source)
+    if stored.is_dir() != source.is_dir():
+        return [f"{stored.name} vs {source.name}"]
+    if not stored.is_dir():
+        return [] if stored.read_bytes() == source.read_bytes() else [stored.name]
+    a = {f.name: f.read_bytes() for f in hf_tokenizer_files(stored)}
+    b = {f.name: f.read_bytes() for f in hf_tokenizer_files(source)}
+    return sorted(name for name in a.keys() | b.keys() if a.get(name) != b.get(name))
 
 
 def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -23,7 +23,6 @@ import os
 import pickle
 import queue
 import random
-import shutil
 import signal
 import tempfile
 from collections.abc import Callable
@@ -274,7 +273,7 @@ def save_checkpoint(
         crash("after-write")
         fmt.write_run_info(staged, {**run_info, "iteration": iteration})
         if tokenizer_file:
-            shutil.copyfile(tokenizer_file, staged / fmt.TOKENIZER_FILE)
+            fmt.copy_tokenizer(tokenizer_file, staged)
         fmt.fsync_tree(staged)
         crash("before-commit")
         fmt.commit_iteration(root, iteration, crash)
@@ -394,15 +393,17 @@ def check_tokenizer(
             raise fmt.CheckpointFormatError(
                 f"{ckpt} was trained with tokenizer {a['type']} (vocab_size={a['vocab_size']}, "
                 f"eod={a['eod_id']}); this run uses {b['type']} (vocab_size={b['vocab_size']}, "
-                f"eod={b['eod_id']}). Use the checkpoint's tokenizer: --tokenizer-model "
-                f"{ckpt / fmt.TOKENIZER_FILE}"
+                f"eod={b['eod_id']}). Use the checkpoint's tokenizer: --tokenizer-type "
+                f"{a['type']} --tokenizer-model {fmt.tokenizer_path(ckpt, saved)}"
             )
     stored = fmt.tokenizer_path(ckpt, saved)
-    if stored is not None and tokenizer_file and stored.is_file():
-        if stored.read_bytes() != Path(tokenizer_file).read_bytes():
+    if stored is not None and tokenizer_file and stored.exists():
+        differ = fmt.tokenizer_differences(stored, tokenizer_file)
+        if differ:
             raise fmt.CheckpointFormatError(
                 f"--tokenizer-model {tokenizer_file} differs from the tokenizer stored with the "
-                f"checkpoint ({stored}); resume with --tokenizer-model {stored}"
+                f"checkpoint ({stored}; differing: {', '.join(differ)}); resume with "
+                f"--tokenizer-model {stored}"
             )
 
 

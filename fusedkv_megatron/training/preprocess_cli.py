@@ -4,6 +4,7 @@ names); the work is done in preprocess.py."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -127,10 +128,16 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
     group = parser.add_argument_group("tokenizer")
     group.add_argument(
         "--tokenizer-type",
-        default="SentencePieceTokenizer",
-        help=f"one of {', '.join(TOKENIZER_TYPES)}",
+        default=None,
+        choices=TOKENIZER_TYPES,
+        help="default: HuggingFaceTokenizer when --tokenizer-model is a directory, "
+        "SentencePieceTokenizer otherwise",
     )
-    group.add_argument("--tokenizer-model", help="the .model from tools/train_tokenizer.py")
+    group.add_argument(
+        "--tokenizer-model",
+        help="the .model from tools/train_tokenizer.py, or a local Hugging Face tokenizer "
+        "directory (tokenizer.json, tokenizer_config.json, ...; never downloaded)",
+    )
     group.add_argument("--vocab-size", type=int, help="NullTokenizer only")
     group.add_argument(
         "--append-eod",
@@ -140,6 +147,9 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
+    if args.tokenizer_type is None:
+        is_dir = bool(args.tokenizer_model) and os.path.isdir(args.tokenizer_model)
+        args.tokenizer_type = "HuggingFaceTokenizer" if is_dir else "SentencePieceTokenizer"
     if not args.append_eod and not args.quiet:
         print(
             "[preprocess] note: without --append-eod documents run together with no "

@@ -7,6 +7,12 @@
 - "SentencePieceTokenizer": a sentencepiece model trained by tools/train_tokenizer.py. Like
   Megatron-LM's GPTSentencePieceTokenizer, the end-of-document id is the model's `</s>` id and
   no extra special tokens are appended to the vocabulary.
+- "HuggingFaceTokenizer": a Hugging Face tokenizer directory (tokenizer.json,
+  tokenizer_config.json, ...: Llama 3, Qwen, Mistral, or one saved with `save_pretrained`), read
+  with `AutoTokenizer.from_pretrained(DIR, local_files_only=True)` -- never downloaded. As in
+  Megatron-LM's _HuggingFaceTokenizer: `vocab_size` is `len(tokenizer)` (added tokens included),
+  `eod` is the tokenizer's EOS id, and `tokenize` is `tokenizer(text).input_ids`, so special
+  tokens the tokenizer adds by itself (Llama's BOS) are kept.
 - "NullTokenizer": no text, ids only (mock data, benchmarks). As in
   megatron.core's NullTokenizer, `vocab_size` is exactly the given size and `eod` is its last id.
   (Megatron-LM's legacy NullTokenizer adds one id for eod; we do not.)
@@ -17,8 +23,24 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from pathlib import Path
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+# The files of a Hugging Face tokenizer directory (fast and slow tokenizers, chat templates);
+# weights and model configs that often sit next to them are not part of the tokenizer.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # Megatron-LM's name for the same GPT-style sentencepiece behaviour.
 _ALIASES = {"GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
 
@@ -129,6 +151,111 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
 
+def hf_tokenizer_files(directory: str | os.PathLike) -> list[Path]:
+    """The files of `directory` that belong to its Hugging Face tokenizer (HF_TOKENIZER_FILES)."""
+    directory = Path(directory)
+    return [directory / name for name in HF_TOKENIZER_FILES if (directory / name).is_file()]
+
+
+class HuggingFaceTokenizer:
+    """A local Hugging Face tokenizer directory; `eod` is its EOS id (see the module docstring)."""
+
+    tokenizer_type = "HuggingFaceTokenizer"
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_path = os.path.abspath(model_dir)
+        self._load()
+
+    def _load(self) -> None:
+        path = self.model_path
+        fix = (
+            "pass a local directory holding tokenizer.json/tokenizer_config.json (a model's "
+            "Hugging Face directory, or one written by tokenizer.save_pretrained(DIR)); "
+            "nothing is downloaded"
+        )
+        if not os.path.isdir(path):
+            raise TokenizerError(
+                f"--tokenizer-type HuggingFaceTokenizer: --tokenizer-model {path!r} is not a "
+                f"directory; {fix}"
+            )
+        files = hf_tokenizer_files(path)
+        if not files:
+            raise TokenizerError(
+                f"--tokenizer-model {path!r} holds none of {', '.join(HF_TOKENIZER_FILES[:3])} "
+                f"...; {fix}"
+            )
+        # The Rust tokenizer's own thread pool does not survive the fork of preprocessing workers.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise TokenizerError(
+                f"--tokenizer-model {path!r} is not a loadable Hugging Face tokenizer: {err}; {fix}"
+            ) from err
+        if tokenizer.eos_token_id is None:
+            raise TokenizerError(
+                f"the Hugging Face tokenizer in {path!r} has no eos_token, which the data "
+                "pipeline uses as the end-of-document id; set one (tokenizer.eos_token = ...; "
+                "tokenizer.save_pretrained(DIR)) or use a tokenizer that has one"
+            )
+        self._tok = tokenizer
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f"{f.name}:{_file_sha256(str(f))}\n".encode())
+        self._sha256 = digest.hexdigest()
+
+    def __getstate__(self) -> dict:
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.model_path = state["model_path"]
+        self._load()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eod(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def eos(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def bos(self) -> int:
+        return -1 if self._tok.bos_token_id is None else self._tok.bos_token_id
+
+    @property
+    def pad(self) -> int:
+        return -1 if self._tok.pad_token_id is None else self._tok.pad_token_id
+
+    @property
+    def sha256(self) -> str:
+        """Hash over the tokenizer files' names and contents."""
+        return self._sha256
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        return OrderedDict([("class", type(self).__name__), ("model_sha256", self._sha256)])
+
+    def tokenize(self, text: str) -> list[int]:
+        # verbose=False: no warning for documents longer than the tokenizer's model_max_length.
+        return self._tok(text, verbose=False)["input_ids"]
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.convert_ids_to_tokens(int(token_id))
+
+    def __repr__(self) -> str:
+        return f"HuggingFaceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
 class NullTokenizer:
     """Ids without text: `tokenize("3 5 7") == [3, 5, 7]`; `eod` is `vocab_size - 1`."""
 
@@ -178,8 +305,9 @@ def build_tokenizer(
 ):
     """The tokenizer named by Megatron-LM's `--tokenizer-type` (see the module docstring).
 
-    `tokenizer_model` is required for SentencePieceTokenizer (its vocabulary comes from the
-    file; `vocab_size` is then ignored) and `vocab_size` for NullTokenizer.
+    `tokenizer_model` is required for SentencePieceTokenizer (a .model file) and
+    HuggingFaceTokenizer (a directory); their vocabulary comes from it and `vocab_size` is then
+    ignored. NullTokenizer needs `vocab_size`.
     """
     kind = _ALIASES.get(tokenizer_type, tokenizer_type)
     if kind == "SentencePieceTokenizer":
@@ -189,6 +317,13 @@ def build_tokenizer(
                 "file); train one with tools/train_tokenizer.py"
             )
         return SentencePieceTokenizer(tokenizer_model)
+    if kind == "HuggingFaceTokenizer":
+        if not tokenizer_model:
+            raise TokenizerError(
+                "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR (a local "
+                "directory with tokenizer.json/tokenizer_config.json)"
+            )
+        return HuggingFaceTokenizer(tokenizer_model)
     if kind == "NullTokenizer":
         if vocab_size is None or int(vocab_size) < 2:
             raise TokenizerError(

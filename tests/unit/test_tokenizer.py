@@ -133,10 +133,7 @@ def test_null_tokenizer():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (
-            dict(tokenizer_type="HuggingFaceTokenizer"),
-            "unknown --tokenizer-type 'HuggingFaceTokenizer'",
-        ),
+        (dict(tokenizer_type="BertWordPieceLowerCase"), "unknown --tokenizer-type 'BertWord"),
         (dict(tokenizer_type="SentencePieceTokenizer"), "needs --tokenizer-model"),
         (dict(tokenizer_type="NullTokenizer"), "needs --vocab-size"),
         (
@@ -158,3 +155,61 @@ def test_corrupt_or_wrong_model_file(sp_model, tmp_path):
     vocab = sp_model[: -len(".model")] + ".vocab"  # the text file written next to the model
     with pytest.raises(TokenizerError, match=r"the \.vocab text file; pass the \.model"):
         build_tokenizer("SentencePieceTokenizer", vocab)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from tests.hf_tokenizer import build_hf_tokenizer
+
+    return build_hf_tokenizer(tmp_path_factory.mktemp("hf_tok") / "tok")
+
+
+def test_hf_tokenizer_follows_megatron_lm(hf_dir):
+    """vocab_size = len(tokenizer) with added tokens, eod = eos, ids = tokenizer(text)."""
+    from transformers import AutoTokenizer
+
+    from tests.hf_tokenizer import ADDED, EOS
+
+    tok = build_tokenizer("HuggingFaceTokenizer", str(hf_dir))
+    ref = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    assert tok.vocab_size == len(ref) == ref.vocab_size + 1  # the added <|extra|>
+    assert tok.eod == tok.eos == ref.convert_tokens_to_ids(EOS)
+    for text in [*SAMPLES, f"a {ADDED} b"]:
+        ids = tok.tokenize(text)
+        assert ids == ref(text)["input_ids"]
+        assert tok.detokenize(ids) == text
+    again = pickle.loads(pickle.dumps(tok))  # preprocessing workers reload from the directory
+    assert again.tokenize(SAMPLES[0]) == tok.tokenize(SAMPLES[0])
+    assert again.unique_identifiers == tok.unique_identifiers
+
+
+def test_hf_tokenizer_hash_covers_its_files(hf_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in hf_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "model.safetensors").write_bytes(b"weights are not part of the tokenizer")
+    a = build_tokenizer("HuggingFaceTokenizer", str(hf_dir))
+    b = build_tokenizer("HuggingFaceTokenizer", str(other))
+    assert a.sha256 == b.sha256
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 99
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    assert build_tokenizer("HuggingFaceTokenizer", str(other)).sha256 != a.sha256
+
+
+def test_hf_tokenizer_errors_name_the_fix(hf_dir, tmp_path):
+    with pytest.raises(TokenizerError, match="needs --tokenizer-model DIR"):
+        build_tokenizer("HuggingFaceTokenizer")
+    with pytest.raises(TokenizerError, match="is not a directory"):
+        build_tokenizer("HuggingFaceTokenizer", str(hf_dir / "tokenizer.json"))
+    with pytest.raises(TokenizerError, match="holds none of tokenizer.json"):
+        build_tokenizer("HuggingFaceTokenizer", str(tmp_path))
+    no_eos = tmp_path / "no_eos"
+    no_eos.mkdir()
+    (no_eos / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config.pop("eos_token")
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match="has no eos_token"):
+        build_tokenizer("HuggingFaceTokenizer", str(no_eos))
