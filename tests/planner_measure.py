@@ -85,12 +85,27 @@ def parameters(model) -> int:
     return count_parameters(model)
 
 
-def saved_bytes(model, config) -> int:
+def stage_input(config, variant: str) -> torch.Tensor:
+    """What the first pipeline stage sends the second: hidden + live sources, bf16."""
+    from fusedkv_megatron.pipeline import boundary_bytes
+
+    rows = SEQ // (config.tensor_model_parallel_size if config.sequence_parallel else 1)
+    sent = boundary_bytes(config, kv_config(variant), MBS, SEQ)[0].total_bytes
+    width = sent // (rows * MBS * 2)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, MBS, width, generator=gen).to(torch.bfloat16)
+    return x.requires_grad_()
+
+
+def saved_bytes(model, config, input_tensor: torch.Tensor | None = None) -> int:
     """Bytes of distinct storages autograd saves in one training forward (parameters
-    excluded): views of one tensor count once, at the size of their storage."""
+    excluded): views of one tensor count once, at the size of their storage. A later pipeline
+    stage gets `input_tensor` as what the previous stage sent."""
     from megatron.core.transformer.module import Float16Module
 
     wrapped = Float16Module(config, model).train()
+    if input_tensor is not None:
+        wrapped.set_input_tensor(input_tensor)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -103,7 +118,8 @@ def saved_bytes(model, config) -> int:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=gen)
     positions = torch.arange(SEQ).expand(MBS, SEQ)
+    labels = tokens if model.post_process else None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = wrapped(tokens, positions, None, labels=tokens)
-    loss.sum().backward()  # releases what the recompute checkpoints hold
+        out = wrapped(tokens, positions, None, labels=labels)
+    out.float().sum().backward()  # releases what the recompute checkpoints hold
     return sum(storages.values())

@@ -49,6 +49,9 @@ class ChunkActivations:
     payload_in: int = 0
     recompute_group: int = 0  # rebuilt during backward, one group at a time (full recompute)
     largest_layer: int = 0  # one layer's saved bytes: the backward working set
+    # Autograd also keeps the received tensor (counted once, in payload_in): a full-recompute
+    # checkpoint takes it as input, or the sources unpacked from it are views (no SP).
+    keeps_received: bool = False
 
     def add(self, name: str, nbytes: int) -> None:
         self.parts[name] = self.parts.get(name, 0) + int(nbytes)
@@ -143,30 +146,40 @@ def chunk_activations(
     else:
         out.payload_in = x.rows * x.h * x.e + x.stack(len(live(kv, layers, chunk.start)))
 
-    # The live-source stack entering each layer: ("id", n) of the tensor `context` holds.
+    # The live-source stack entering each layer: (id, n, is a view of the received tensor).
     saved_stacks: dict[int, int] = {}
-    context: tuple[int, int] | None = None
+    context: tuple[int, int, bool] | None = None
     if not chunk.first:
         n_in = len(live(kv, layers, chunk.start))
-        context = (chunk.start, n_in) if n_in else None  # unpacked from the received tensor
+        # Unpacked from the received tensor: a view of it, or a copy when SP folds the sequence
+        context = (chunk.start, n_in, not layout.sequence_parallel) if n_in else None
+
+    def keep(stack: tuple[int, int, bool]) -> None:
+        if stack[2]:
+            out.keeps_received = True
+        else:
+            saved_stacks[stack[0]] = x.stack(stack[1])
+
     for i in range(chunk.start, chunk.stop):
         plan = layer_plan[i]
         if i in group_starts:
             # A checkpoint saves its inputs: the hidden state (the received tensor at a chunk
             # start, already held) and the stack passed to it as `context`.
-            if not (i == chunk.start and not chunk.first):
+            if i == chunk.start and not chunk.first:
+                out.keeps_received = True  # the checkpoint's input is the received tensor
+            else:
                 out.add("recompute inputs", x.rows * x.h * x.e)
-            if context is not None and not (i == chunk.start and not chunk.first):
-                saved_stacks[context[0]] = x.stack(context[1])
+                if context is not None:
+                    keep(context)
         layer = _layer_bytes(x, plan, kv, selective)
         out.largest_layer = max(out.largest_layer, layer)
         if i not in checkpointed:
             out.add("layers", layer)
             if plan.is_reconstruction and context is not None:
-                saved_stacks[context[0]] = x.stack(context[1])
+                keep(context)
         before, after = live(kv, layers, i), live(kv, layers, i + 1)
         if after != before:
-            context = (i + 1, len(after)) if after else None
+            context = (i + 1, len(after), False) if after else None
     if groups:
         out.add("recompute inputs", job.seq_length * x.d * 4)  # RoPE frequencies (fp32)
         out.recompute_group = max(
