@@ -388,8 +388,8 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
     if args.fp8_format is not None:
         if args.transformer_impl != "transformer_engine":
             raise ArgumentError(
-                f"--fp8-format {args.fp8_format} needs --transformer-impl transformer_engine "
-                f"(Transformer Engine on a CUDA GPU; cuda available: {cuda}); drop "
+                f"--fp8-format {args.fp8_format} needs Transformer Engine (--transformer-impl "
+                f"transformer_engine on a CUDA GPU; cuda available: {cuda}); drop "
                 "--fp8-format/--fp8-recipe otherwise"
             )
         if not (args.bf16 or args.fp16):

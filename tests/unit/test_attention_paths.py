@@ -119,7 +119,7 @@ def test_transformer_impl_default_and_errors(monkeypatch):
             _args(*flags, cuda=True)
         assert broken in str(err.value) and given in str(err.value)
         assert "--transformer-impl local" in str(err.value)
-    with pytest.raises(ArgumentError, match="--fp8-format e4m3 needs --transformer-impl"):
+    with pytest.raises(ArgumentError, match="--fp8-format e4m3 needs Transformer Engine"):
         _args("--fp8-format", "e4m3", "--bf16", "--transformer-impl", "local", cuda=True)
 
 
