@@ -94,6 +94,8 @@ def locate_run(spec: str, name: str | None = None) -> Run:
         if ck is None and (root / ckpt_format.TRACKER_FILE).is_file():
             ck = root
         default_name = root.resolve().name
+        if default_name == "tensorboard":  # RUN/tensorboard given: the run's name
+            default_name = root.resolve().parent.name
     for path, what in ((tb, "TensorBoard"), (ck, "checkpoint")):
         if path is not None and not path.is_dir():
             raise CompareError(f"{path}: no such {what} directory (from {spec!r})")

@@ -37,7 +37,8 @@ def _write(tb_dir, train: dict[int, float], valid: dict[int, float], fusion=Fals
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(tb_dir))
-    w.add_text("arguments", f"    seq_length: {SEQ}\n    global_batch_size: {GBS}")
+    variant = "fusedkv" if fusion else "vanilla"
+    w.add_text("arguments", f"    kv_sharing: {variant}\n    seq_length: {SEQ}")
     for step, loss in train.items():
         w.add_scalar("lm loss", loss, step)
         w.add_scalar("consumed-samples", step * GBS, step)
@@ -159,6 +160,14 @@ def test_tensorboard_and_checkpoint_given_apart(runs, tmp_path):
     assert compare.main([spec, "--out", str(tmp_path / "o"), "--no-plots"]) == 0
     row = _table((tmp_path / "o" / "report.md").read_text())["vanilla"]
     assert row["parameters"] != "n/a" and row["final val loss"] == "3.6000"
+
+
+def test_tensorboard_directory_alone(runs, tmp_path):
+    """Without a checkpoint: the variant and tokens from the logged arguments, no counts."""
+    assert compare.main([str(runs[1] / "tensorboard"), "--out", str(tmp_path), "--no-plots"]) == 0
+    row = _table((tmp_path / "report.md").read_text())["fusedkv"]
+    assert (row["variant"], row["parameters"], row["KV bytes/token"]) == ("fusedkv", "n/a", "n/a")
+    assert row["tokens seen"] == f"{12 * GBS * SEQ:,}" and row["final val loss"] == "4.0000"
 
 
 def test_directory_without_event_files_is_one_error_line(tmp_path, capsys):
