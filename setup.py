@@ -26,7 +26,16 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=5.24,<6"],
         "research": ["matplotlib>=3.8"],
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=5.24,<6", "matplotlib>=3.8"],
+        # fusedkv-finetune-hf (HF Trainer + DeepSpeed ZeRO); on CPU it also needs a C++ compiler
+        "deepspeed": ["deepspeed==0.19.8", "accelerate>=1.1", "transformers>=5.24,<6"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "transformers>=5.24,<6",
+            "matplotlib>=3.8",
+            "deepspeed==0.19.8",
+            "accelerate>=1.1",
+        ],
         "dev": ["ruff>=0.6", "pytest>=8", "pytest-timeout", "transformers>=5.24,<6"],
     },
     entry_points={
@@ -34,6 +43,7 @@ setup(
             "fusedkv-pretrain=fusedkv_megatron.pretrain:main",
             "fusedkv-convert-hf=fusedkv_megatron.hf.convert:main_to_hf",
             "fusedkv-convert-megatron=fusedkv_megatron.hf.convert:main_to_megatron",
+            "fusedkv-finetune-hf=fusedkv_megatron.hf.finetune:main",
             "fusedkv-convert-variant=fusedkv_megatron.uptrain:main",
             "fusedkv-plan=fusedkv_megatron.planner.cli:main",
             "fusedkv-compare=fusedkv_megatron.research.compare:main",
