@@ -179,6 +179,12 @@ def describe_plan(p: Plan) -> str:
             f"{gib(r.gradients):>5}  {gib(r.optimizer):>5}  {gib(r.activations):>11} "
             f"({r.in_flight:>2} mb)  {gib(r.transient):>9}  {gib(r.peak):>4}"
         )
+    for r in p.ranks:
+        for vp, a in enumerate(r.per_microbatch):
+            where = f"pp rank {r.pp_rank}" + (f" chunk {vp}" if lay.vpp else "")
+            parts = ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in a.parts.items() if v)
+            received = f", received payload {a.payload_in / 2**20:,.0f}" if a.payload_in else ""
+            lines.append(f"per microbatch, MiB ({where}): {parts}{received}")
     sp = p.speed
     verdict = "fits" if p.fits else "DOES NOT FIT"
     lines += [

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..training.model_size import _layer_matmul_params
-from .activations import chunk_activations, logits_transient
+from .activations import ChunkActivations, chunk_activations, logits_transient
 from .layout import Chunk, Job, Layout, chunks, plans
 
 
@@ -67,6 +67,7 @@ class RankMemory:
     in_flight: int  # chunk-microbatches held at that moment
     transient: int  # short-lived buffers on top: logits, a recompute group, backward work
     payload: int  # received pipeline tensors among `activations`
+    per_microbatch: tuple[ChunkActivations, ...] = ()  # each model chunk's, one microbatch
 
     @property
     def static(self) -> int:
@@ -141,6 +142,7 @@ def rank_memory(job: Job, layout: Layout, pp_rank: int, norm_impl: str = "fused"
         in_flight=in_flight,
         transient=transient,
         payload=payload,
+        per_microbatch=tuple(acts[k] for k in sorted(acts)),
     )
 
 
