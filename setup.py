@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.12",
     packages=find_packages(include=["fusedkv_megatron", "fusedkv_megatron.*"]),
     include_package_data=True,
-    package_data={"fusedkv_megatron": ["data/*", "hf/*.py"]},
+    package_data={"fusedkv_megatron": ["data/*", "hf/*.py", "evaluation/tasks/*"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.19,<0.20",
@@ -28,6 +28,10 @@ setup(
         "research": ["matplotlib>=3.8"],
         # fusedkv-finetune-hf (HF Trainer + DeepSpeed ZeRO); on CPU it also needs a C++ compiler
         "deepspeed": ["deepspeed==0.19.8", "accelerate>=1.1", "transformers>=5.24,<6"],
+        # fusedkv-eval (lm-evaluation-harness; its HF model needs accelerate)
+        "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=1.1", "transformers>=5.24,<6"],
+        # fusedkv-pretrain --wandb-project
+        "wandb": ["wandb>=0.31,<1"],
         "test": [
             "pytest>=8",
             "pytest-timeout",
@@ -35,6 +39,8 @@ setup(
             "matplotlib>=3.8",
             "deepspeed==0.19.8",
             "accelerate>=1.1",
+            "lm-eval>=0.4.13,<0.5",
+            "wandb>=0.31,<1",
         ],
         "dev": ["ruff>=0.6", "pytest>=8", "pytest-timeout", "transformers>=5.24,<6"],
     },
@@ -44,6 +50,7 @@ setup(
             "fusedkv-convert-hf=fusedkv_megatron.hf.convert:main_to_hf",
             "fusedkv-convert-megatron=fusedkv_megatron.hf.convert:main_to_megatron",
             "fusedkv-finetune-hf=fusedkv_megatron.hf.finetune:main",
+            "fusedkv-eval=fusedkv_megatron.evaluation.cli:main",
             "fusedkv-convert-variant=fusedkv_megatron.uptrain:main",
             "fusedkv-plan=fusedkv_megatron.planner.cli:main",
             "fusedkv-compare=fusedkv_megatron.research.compare:main",

@@ -7,6 +7,9 @@ parallelism). TensorBoard tags: "lm loss", "learning-rate", "grad-norm", "tokens
 "fusion/layer_L/W/{mean,std,abs_mean,min,max}"; on GPU also "tflops-per-gpu", "mfu",
 "memory-allocated-gb" and "memory-max-allocated-gb".
 
+With --wandb-project every scalar also goes to Weights & Biases (same tags, step = iteration),
+through `Reporter.scalar`, the one place scalars are written.
+
 Throughput and MFU count the training iterations only: the loop runs evaluation and checkpoint
 saves inside `Reporter.excluded()`, which the interval's timer leaves out. MFU divides by the
 dense bf16 peak of the GPU found by its exact name in gpu_peaks.py; for a GPU not there the log
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections import defaultdict
 
@@ -139,6 +143,7 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=100)
+        self.wandb_run = start_wandb(args) if is_log_rank() else None
         self._reset()
 
     def _reset(self) -> None:
@@ -156,8 +161,12 @@ class Reporter:
         return self.timer.excluded()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None and value is not None and math.isfinite(value):
+        if value is None or not math.isfinite(value):
+            return
+        if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({tag: value}, step=step)
 
     def record(self, loss: float | None, grad_norm: float | None) -> None:
         self.iters += 1
@@ -243,3 +252,22 @@ class Reporter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(args):
+    """A W&B run for --wandb-project (Megatron-LM's flags), or None without it. The arguments
+    already checked that wandb is installed."""
+    if not getattr(args, "wandb_project", None):
+        return None
+    import wandb
+
+    save_dir = args.wandb_save_dir or os.path.join(args.save or ".", "wandb")
+    os.makedirs(save_dir, exist_ok=True)
+    return wandb.init(
+        project=args.wandb_project,
+        name=args.wandb_exp_name,
+        dir=save_dir,
+        config={k: v for k, v in vars(args).items() if not k.startswith("_")},
+    )
