@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import KVSharingConfig
 from ..fusion import layer_plans
+from ..training import checkpoint_format as ckpt_format
 
 _NAME = re.compile(r"layers\.(\d+)\.self_(?:attention|attn)\.(key|value)_weight_(\d+)$")
 KINDS = {"key": "K", "value": "V"}
@@ -91,6 +92,11 @@ def load_fusion_weights(path: str | Path) -> tuple[KVSharingConfig, int, dict[st
         return _hf_weights(path)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
+    if not any((path / f).is_file() for f in (ckpt_format.TRACKER_FILE, ckpt_format.RUN_FILE)):
+        raise ProbeError(
+            f"{path} holds no checkpoint: pass a run directory (with checkpoints/), the --save "
+            "directory of fusedkv-pretrain, one iter_XXXXXXX directory, or an HF export"
+        )
     return _megatron_weights(path)
 
 

@@ -104,3 +104,10 @@ def test_probe_report_equals_the_checkpoint_weights(runs, tmp_path):
 def test_probe_report_rejects_a_variant_without_fusion_weights(runs, tmp_path, capsys):
     assert probe.main([str(runs[1]), "--out", str(tmp_path / "p")]) == 2
     assert "has no learnable fusion weights" in capsys.readouterr().err
+
+
+def test_probe_report_without_a_checkpoint_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert probe.main([str(tmp_path / "run"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no checkpoint" in err
