@@ -289,6 +289,45 @@ def markdown(rows: list[dict], arch: int, full: bool) -> str:
     return "\n".join(lines)
 
 
+def compare(results: list[dict]) -> str:
+    """Side by side for several `--json` results (e.g. two Triton versions): per kernel and
+    tile width (padded head dim), the head dims, configs, and worst registers, spill bytes and
+    shared memory in each."""
+    from fusedkv_megatron.kernels.triton_common import padded_head_dim
+
+    versions = [r["meta"]["triton"] for r in results]
+    groups: dict[tuple, list] = {}
+    for i, result in enumerate(results):
+        for row in result["rows"]:
+            key = (row["kernel"], padded_head_dim(row["head_dim"]))
+            groups.setdefault(key, [[] for _ in results])[i].append(row)
+    slash = " / ".join
+    lines = [
+        f"| kernel | tile (head dims) | config(s) | specialisations ({slash(versions)}) | max "
+        f"registers | max spill B | max shared KB | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, tile), per in groups.items():
+        dims = sorted({r["head_dim"] for rows in per for r in rows})
+        configs = sorted({r.get("config", "?") for rows in per for r in rows})
+
+        def worst(field, rows_=per):
+            return slash(
+                str(max((r.get(field) or 0) for r in rows) if rows else "-") for rows in rows_
+            )
+
+        shared = slash(
+            f"{max(r.get('shared', 0) for r in rows) / 1024:.0f}" if rows else "-" for rows in per
+        )
+        failed = slash(str(sum(not r["ok"] for r in rows)) for rows in per)
+        lines.append(
+            f"| {kernel} | {tile} ({', '.join(map(str, dims))}) | {'; '.join(configs)} | "
+            f"{slash(str(len(rows)) for rows in per)} | {worst('regs')} | {worst('local')} | "
+            f"{shared} | {failed} |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     cols = ("kernel", "head_dim", "dtype", "terms", "group", "hk1", "aligned", "rows", "t1")
     cols += ("causal", "config", "regs", "local", "shared", "cp_async", "ok")
@@ -314,7 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, help="write the per-kernel summary table here")
     p.add_argument("--json", type=Path, help="write every row here")
     p.add_argument("--quiet", action="store_true", help="print the summary only")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        help="print a side-by-side table of these --json results and exit (no compiling)",
+    )
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare([json.loads(path.read_text()) for path in args.compare]))
+        return 0
     bad = [d for d in args.head_dims if d not in HEAD_DIMS]
     if bad:
         p.error(f"--head-dims {bad}: the kernels take multiples of 16 up to 256")

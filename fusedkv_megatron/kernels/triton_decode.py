@@ -155,7 +155,9 @@ def decode_config(head_dim: int, rows: int) -> KernelConfig:
     if recorded(f"decode{rows}", dp) is not None:
         return recorded(f"decode{rows}", dp)  # a step-down that ran
     base = GPU_CONFIG[dp] if dp in GPU_CONFIG else pick(GPU_CONFIG, dp, "decode")
-    warps = min(16, max(base.num_warps, base.num_warps * rows // 16))
+    # More warps keep a taller accumulator in registers, up to 16; at 256-wide tiles 16 warps
+    # would cap a thread at 128 registers and spill, so 8 (compile_matrix.py).
+    warps = min(16 if dp <= 128 else 8, max(base.num_warps, base.num_warps * rows // 16))
     return KernelConfig(16, base.block_n, warps, base.num_stages)
 
 
