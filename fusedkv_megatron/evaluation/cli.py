@@ -29,6 +29,20 @@ TASK_DIR = Path(__file__).resolve().parent / "tasks"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
+def go_offline() -> None:
+    """Local files only for the Hub, datasets and transformers. They read these variables when
+    first imported, so modules already imported (by a caller, or a test session) get the flag
+    set as well."""
+    for name in OFFLINE_ENV:
+        os.environ[name] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
+
+
 class EvalError(ValueError):
     """Bad input for fusedkv-eval: the message names the problem and the fix."""
 
@@ -118,8 +132,7 @@ def evaluate(
 ) -> dict:
     """Run the lm-eval `tasks` on a checkpoint or HF export; write and return the results JSON."""
     if not online:
-        for name in OFFLINE_ENV:
-            os.environ[name] = "1"
+        go_offline()
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -206,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         help="allow lm-eval/datasets to download task data (default: offline, local cache only)",
     )
     a = p.parse_args(argv)
+    if not a.online:
+        go_offline()  # before anything imports huggingface_hub
     tasks = [t for t in a.tasks.split(",") if t]
     from ..hf.mapping import ConversionError
     from ..training.checkpoint_format import CheckpointFormatError

@@ -87,6 +87,9 @@ def test_heldout_perplexity_matches_the_trainers_validation_loss(trained):
     argv = [str(trained["ckpt"]), "--tasks", "fusedkv_heldout", "--limit", str(DOCS),
             "--tensorboard-dir", str(tb), "--batch-size", "16"]  # fmt: skip
     assert main(argv) == 0
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE  # no download could have happened
     report = json.loads((trained["ckpt"] / "eval" / "iter_0000020.json").read_text())
     m = report["metrics"]
     assert report["iteration"] == 20 and report["n-samples"]["fusedkv_heldout"]["effective"] == DOCS
