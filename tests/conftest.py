@@ -8,11 +8,14 @@ group keeps three threads, so groups that outlive their test add up to thousands
 
 from __future__ import annotations
 
+import collections
+import gc
 import json
 import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -109,9 +112,53 @@ def thread_count() -> int:
         return 0
 
 
+_DDP_HOOK = "DistributedDataParallel._make_backward_post_hook.<locals>.hook"
+
+
+def free_dead_ddp_models() -> None:
+    """Let the garbage collector have Megatron DDP models whose process groups are destroyed.
+
+    With the distributed optimizer, DDP's gradient accumulators (C++ autograd nodes, which the
+    garbage collector cannot see into) and the hooks it put on them keep the DDP object, its
+    model, its optimizer and its process groups (three threads each) alive after the model is
+    gone. The hooks of a DDP whose data-parallel group is destroyed can never run again:
+    dropping them and the accumulators breaks the cycle.
+    """
+    import torch.distributed as dist
+
+    live = {id(g) for g in dist.distributed_c10d._world.pg_map}
+    dead_hooks = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FunctionType) and obj.__qualname__ == _DDP_HOOK:
+            for cell in obj.__closure__ or ():
+                owner = getattr(cell, "cell_contents", None)
+                group = getattr(owner, "dp_group", None)
+                if group is not None and id(group) not in live:
+                    dead_hooks.add(id(obj))
+                    owner.grad_accs.clear()  # the accumulators hold the parameters
+    if dead_hooks:
+        for obj in gc.get_objects():
+            if type(obj) is collections.OrderedDict and any(
+                id(v) in dead_hooks for v in obj.values()
+            ):
+                obj.clear()
+    obj = None  # the loop's last object
+    gc.collect()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """After a test (pytest drops its fixture values only after teardown), free what still
+    holds destroyed process groups when threads pile up."""
+    if thread_count() > 24:
+        gc.collect()
+    if thread_count() > 24 and "torch.distributed" in sys.modules:
+        free_dead_ddp_models()
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run when the pytest process ends holding more than a few dozen threads."""
     limit = int(os.environ.get("FUSEDKV_TEST_MAX_THREADS", "48"))
+    gc.collect()  # garbage is not a leak
     count = thread_count()
     line = f"pytest process threads at the end of the run: {count} (limit {limit})"
     if count > limit:
