@@ -197,6 +197,14 @@ def convert_variant(
 
     source = load_source(load)
     kv = target_config(source, variant, fusion_init, weights_per_head, tp)
+    log.info(
+        "converting %s (%s, iteration %s) into %s (fusion_init=%s)",
+        source.where,
+        source.info["kv_sharing"]["variant"],
+        source.info["iteration"],
+        variant,
+        fusion_init,
+    )
     converted = convert_model(source, kv, seed, tp, pp)
     result = {
         "checkpoint": None,

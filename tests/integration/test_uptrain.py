@@ -32,6 +32,7 @@ CONVERSIONS = [
     ("fusedkv_lite_learnable", "normal"),
     ("fusedkv_lite_learnable", "lite"),
     ("fusedkv_lite_learnable", "equivalent"),
+    ("dense_probe", "uniform"),
 ]
 # Which original layer's K and V each reconstruction layer reads, at a `lite` (or no) start.
 LITE_READS = {"fusedkv_lite": (2, 1), "fusedkv": (2, 1), "fusedkv_lite_learnable": (2, 1),
