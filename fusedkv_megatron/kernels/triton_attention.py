@@ -36,7 +36,7 @@ from .triton_common import (
 # stages.
 GPU_CONFIGS = {
     "fwd": {
-        64: KernelConfig(128, 64, 4, 3),
+        64: KernelConfig(128, 64, 8, 3),
         128: KernelConfig(128, 64, 8, 3),
         256: KernelConfig(64, 32, 8, 2),
     },
