@@ -30,8 +30,8 @@ from .triton_common import (
 # Block sizes per kernel and padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages); a
 # head dim uses the entry of its padded width (96 -> 128, 160 -> 256). Chosen without a GPU
 # from sm_90 compiles with the JIT's usual alignment specialization (tools/compile_matrix.py,
-# docs/benchmarks.md): loads pipelined (cp.async), no spills in the loops, shared memory
-# within an H100/H200 block's 227 KB. Untimed; `launch` steps down if one does not fit. The
+# docs/benchmarks.md): loads pipelined (cp.async), shared memory within an H100/H200 block's
+# 227 KB, no spills in the loops except dq at 256-wide tiles (~420 B with every shape tried). Untimed; `launch` steps down if one does not fit. The
 # interpreter gets tiny blocks so that small test shapes span several blocks and both loop
 # stages.
 GPU_CONFIGS = {
