@@ -28,7 +28,14 @@ from megatron.core.transformer.utils import (
 from torch import Tensor
 
 from .config import KVSharingConfig
-from .fusion import LayerPlan, Source, expand_key_weight, fuse, init_fusion_weight
+from .fusion import (
+    LayerPlan,
+    Source,
+    expand_key_weight,
+    fuse,
+    fusion_weight_name,
+    init_fusion_weight,
+)
 from .kernels import fused_attention_applies, reconstruction_attention
 from .kernels.core_attention import SDPAAttention
 from .pipeline import SourcePayload
@@ -177,16 +184,13 @@ class ReconstructionAttention(_AttendMixin, Attention):
         # Fusion weights: key vectors are stored per RoPE pair (head_dim/2) and expanded.
         groups = self.num_query_groups_per_partition if kv_sharing.weights_per_head else 1
         hn = self.hidden_size_per_attention_head
-        for kind, terms in (("key", plan.key), ("value", plan.value)):
-            for i, term in enumerate(terms):
-                if not term.weighted:
-                    continue
-                width = hn // 2 if kind == "key" else hn
-                w = torch.nn.Parameter(torch.empty(groups, width, dtype=config.params_dtype))
-                self._init_fusion(w, kv_sharing, term)
-                if kv_sharing.weights_per_head:
-                    tensor_parallel.set_tensor_model_parallel_attributes(w, True, 0, 1)
-                self.register_parameter(f"{kind}_weight_{i}", w)
+        for kind, i, term in plan.fusion_terms():
+            width = hn // 2 if kind == "key" else hn
+            w = torch.nn.Parameter(torch.empty(groups, width, dtype=config.params_dtype))
+            self._init_fusion(w, kv_sharing, term)
+            if kv_sharing.weights_per_head:
+                tensor_parallel.set_tensor_model_parallel_attributes(w, True, 0, 1)
+            self.register_parameter(fusion_weight_name(kind, i), w)
         self.weights_per_head = kv_sharing.weights_per_head
 
     def _init_fusion(self, w, kv, term):
@@ -224,7 +228,7 @@ class ReconstructionAttention(_AttendMixin, Attention):
 
     def fusion_weight(self, kind: str, i: int) -> Tensor | None:
         """The full-width weight of term i of "key"/"value", or None for an unweighted term."""
-        w = getattr(self, f"{kind}_weight_{i}", None)
+        w = getattr(self, fusion_weight_name(kind, i), None)
         if w is None:
             return None
         if not self.weights_per_head and self.world_size > 1:

@@ -14,6 +14,7 @@ without it); the tensor functions reach torch through their arguments or a local
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,33 @@ class LayerPlan:
     @property
     def reads(self) -> tuple[Source, ...]:
         return tuple(t.source for t in self.key + self.value)
+
+    def fusion_terms(self) -> list[tuple[str, int, Term]]:
+        """(kind, index, term) of every weighted term: the fusion weights this layer owns,
+        named `fusion_weight_name(kind, index)`."""
+        return [
+            (kind, i, term)
+            for kind, terms in (("key", self.key), ("value", self.value))
+            for i, term in enumerate(terms)
+            if term.weighted
+        ]
+
+
+# The parameter names of the fusion weights: one owner for modules, optimizer groups,
+# reporting, initialisation and the HF mapping (the exported HF model keeps its own copy).
+FUSION_WEIGHT_GLOBS = ("*.key_weight_*", "*.value_weight_*")
+FUSION_WEIGHT_RE = re.compile(r"(key|value)_weight_(\d+)$")
+
+
+def fusion_weight_name(kind: str, index: int) -> str:
+    """The parameter name of term `index` of "key" or "value" (`key_weight_0`, ...)."""
+    return f"{kind}_weight_{index}"
+
+
+def parse_fusion_weight_name(name: str) -> tuple[str, int] | None:
+    """(kind, index) of a fusion-weight parameter name (dotted or not), else None."""
+    m = FUSION_WEIGHT_RE.fullmatch(name.rsplit(".", 1)[-1])
+    return (m[1], int(m[2])) if m else None
 
 
 def _terms(kind: str, layers: tuple[int, ...], weighted: bool) -> tuple[Term, ...]:

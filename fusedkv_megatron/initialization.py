@@ -24,7 +24,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from .fusion import init_fusion_weight
+from .fusion import init_fusion_weight, parse_fusion_weight_name
 
 # Parameter names (after the layer prefix) and their init rule.
 _OUTPUT_LAYER_INIT = ("linear_proj.weight", "linear_fc2.weight")
@@ -76,19 +76,17 @@ def _local_slice(full: torch.Tensor, dim: int | None, tp: int, rank: int, glu: b
     return full.chunk(tp, dim)[rank]
 
 
-def _fusion_term(model: torch.nn.Module, name: str):
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    kind, _, index = leaf.rpartition("_")
-    terms = module.plan.key if kind == "key_weight" else module.plan.value
-    return module, terms[int(index)]
+def _fusion_term(model: torch.nn.Module, name: str, kind: str, index: int):
+    module = model.get_submodule(name.rpartition(".")[0])
+    return module, (module.plan.key if kind == "key" else module.plan.value)[index]
 
 
 def _initialise(model, config, name: str, gname: str, full: torch.Tensor) -> None:
     """Fill `full` (fp32, CPU) by the rule that Megatron (or the fusion) uses for `name`."""
     leaf = name.rsplit(".", 1)[-1]
-    if leaf.startswith(("key_weight_", "value_weight_")):
-        module, term = _fusion_term(model, name)
+    fusion = parse_fusion_weight_name(leaf)
+    if fusion is not None:
+        module, term = _fusion_term(model, name, *fusion)
         init_fusion_weight(full, model.kv_sharing, term, module.plan)
     elif leaf.endswith("bias"):
         full.zero_()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, Qwen3Config
 
+from ..fusion import fusion_weight_name, parse_fusion_weight_name
 from .configuration_fusedkv import KV_SHARING_VARIANTS, FusedKVConfig, kv_sharing_plan
 
 STOCK_VARIANTS = ("vanilla", "gqa")
@@ -150,7 +151,7 @@ def layer_plans_of(cfg: PretrainedConfig):
 def _fusion_names(plan) -> list[str]:
     names = []
     for kind, terms in (("key", plan[0]), ("value", plan[1])):
-        names += [f"{kind}_weight_{j}" for j, (_, w) in enumerate(terms) if w]
+        names += [fusion_weight_name(kind, j) for j, (_, w) in enumerate(terms) if w]
     return names
 
 
@@ -279,8 +280,9 @@ def layer_kinds_from_names(names, num_layers: int, side: str) -> list:
         if p + own in names:
             kinds.append("storage")
             continue
-        nk = sum(1 for n in names if n.startswith(p + "key_weight_"))
-        nv = sum(1 for n in names if n.startswith(p + "value_weight_"))
+        fusion = [parse_fusion_weight_name(n) for n in names if n.startswith(p)]
+        nk = sum(1 for f in fusion if f and f[0] == "key")
+        nv = sum(1 for f in fusion if f and f[0] == "value")
         kinds.append(("top", nk, nv))
     return kinds
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import KVSharingConfig
-from ..fusion import layer_plans
+from ..fusion import FUSION_WEIGHT_RE, layer_plans
 from ..training import checkpoint_format as ckpt_format
 
-_NAME = re.compile(r"layers\.(\d+)\.self_(?:attention|attn)\.(key|value)_weight_(\d+)$")
+_NAME = re.compile(r"layers\.(\d+)\.self_(?:attention|attn)\." + FUSION_WEIGHT_RE.pattern)
 KINDS = {"key": "K", "value": "V"}
 
 

@@ -28,6 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 from megatron.core.transformer.module import Float16Module
 
 from .. import KVSharingConfig, build_model, qwen3_config
+from ..fusion import FUSION_WEIGHT_GLOBS
 from ..pipeline import check_layout
 from . import optimizer_fixes
 from .arguments import ArgumentError
@@ -35,7 +36,7 @@ from .model_size import padded_vocab  # one padding rule for the trainer and the
 from .tokenizer import build_tokenizer
 
 # Fusion weights get no weight decay (our choice, docs/model.md); norms and biases neither.
-NO_DECAY_NAMES = ("*.key_weight_*", "*.value_weight_*")
+NO_DECAY_NAMES = FUSION_WEIGHT_GLOBS
 
 
 @dataclass

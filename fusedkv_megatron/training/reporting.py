@@ -26,6 +26,8 @@ from collections import defaultdict
 
 import torch
 
+from ..fusion import fusion_weight_name
+
 
 def log_rank() -> int:
     return torch.distributed.get_world_size() - 1
@@ -60,12 +62,9 @@ def fusion_weight_stats(model_chunks) -> dict[str, float]:
                 plan = getattr(module, "plan", None)
                 if plan is None or not plan.is_reconstruction:
                     continue
-                for name, w in module.named_parameters(recurse=False):
-                    if not name.startswith(("key_weight_", "value_weight_")):
-                        continue
-                    kind, i = name.split("_")[0], int(name.rsplit("_", 1)[1])
-                    terms = plan.key if kind == "key" else plan.value
-                    src = terms[i].source[0]
+                for kind, i, term in plan.fusion_terms():
+                    w = getattr(module, fusion_weight_name(kind, i))
+                    src = term.source[0]
                     key = f"fusion/layer_{plan.layer_number}/{kind}_from_layer_{src}"
                     x = w.detach().float()
                     local[key] = [
