@@ -50,10 +50,10 @@ def check_environment() -> None:
         import deepspeed  # noqa: F401
     except ImportError as err:
         raise FinetuneError(
-            f"DeepSpeed is not installed ({err}); install the extra: "
-            "pip install 'fusedkv_megatron[deepspeed]'"
+            f"DeepSpeed is not installed ({err}): pip install 'deepspeed==0.19.8' accelerate, "
+            "or the package with its extra: pip install -e '.[deepspeed]'"
         ) from err
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
         return
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:

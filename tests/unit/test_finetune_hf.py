@@ -30,7 +30,7 @@ def test_missing_compiler_is_reported_before_deepspeed_starts(monkeypatch, capsy
 def test_missing_deepspeed_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import raises ImportError
     assert ft.main(ARGV) == 2
-    assert "pip install 'fusedkv_megatron[deepspeed]'" in capsys.readouterr().err
+    assert "pip install -e '.[deepspeed]'" in capsys.readouterr().err
 
 
 def test_zero3_config_always_gathers_weights_on_save(tmp_path):
