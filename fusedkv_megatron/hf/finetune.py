@@ -148,11 +148,13 @@ def read_deepspeed_config(path: str) -> dict:
 
 def partition_report(model) -> str:
     """How many parameters ZeRO-3 partitioned (the fusion weights counted apart)."""
+    from ..fusion import parse_fusion_weight_name
+
     params = dict(model.named_parameters())
     split = {
         n for n, p in params.items() if hasattr(p, "ds_id") and not getattr(p, "ds_persist", 0)
     }
-    fusion = {n for n in params if "_weight_" in n.rsplit(".", 1)[-1]}
+    fusion = {n for n in params if parse_fusion_weight_name(n)}
     return (
         f"{len(split)} of {len(params)} parameters partitioned, "
         f"fusion weights {len(split & fusion)} of {len(fusion)}"
