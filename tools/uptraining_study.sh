@@ -108,6 +108,7 @@ for case in $CASES; do
     init="${case##*:}"
     name="$variant"
     [ "$init" != "-" ] && name="$variant-$init"
+    [ "$variant" = vanilla ] && name="vanilla-control"  # $OUT/vanilla is the pretraining
     dir="$OUT/$name"
     mkdir -p "$dir"
     if [ "$(latest "$dir/converted")" = none ]; then
@@ -163,6 +164,7 @@ done
         init="${case##*:}"
         name="$variant"
         [ "$init" != "-" ] && name="$variant-$init"
+        [ "$variant" = vanilla ] && name="vanilla-control"
         label="$variant"
         [ "$variant" = vanilla ] && label="vanilla (control)"
         echo "| $label | $init | $(cat "$OUT/before.txt") | $(cat "$OUT/$name/after.txt") |" \
