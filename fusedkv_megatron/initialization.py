@@ -81,13 +81,13 @@ def _fusion_term(model: torch.nn.Module, name: str, kind: str, index: int):
     return module, (module.plan.key if kind == "key" else module.plan.value)[index]
 
 
-def _initialise(model, config, name: str, gname: str, full: torch.Tensor) -> None:
+def _initialise(model, config, name: str, gname: str, full: torch.Tensor, seed: int) -> None:
     """Fill `full` (fp32, CPU) by the rule that Megatron (or the fusion) uses for `name`."""
     leaf = name.rsplit(".", 1)[-1]
     fusion = parse_fusion_weight_name(leaf)
     if fusion is not None:
         module, term = _fusion_term(model, name, *fusion)
-        init_fusion_weight(full, model.kv_sharing, term, module.plan)
+        init_fusion_weight(full, model.kv_sharing, term, module.plan, seed=seed)
     elif leaf.endswith("bias"):
         full.zero_()
     elif "norm" in name.rsplit(".", 2)[-2] or leaf == "layer_norm_weight":
@@ -122,6 +122,6 @@ def reset_parameters(model: torch.nn.Module, seed: int) -> None:
         full = torch.empty(shape, dtype=torch.float32)
         with torch.random.fork_rng(devices=[]):  # the CPU generator only; restored after
             torch.random.default_generator.manual_seed(parameter_seed(seed, gname))
-            _initialise(model, config, name, gname, full)
+            _initialise(model, config, name, gname, full, seed)
         glu = config.gated_linear_unit and name.endswith("linear_fc1.weight")
         param.copy_(_local_slice(full, dim, tp, rank, glu))

@@ -104,8 +104,8 @@ def _fusion_params(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("init_seed", [None, 11])
 def test_fresh_megatron_model_starts_from_the_rule(megatron_tp1, init_seed):
-    """build_model draws every fusion vector as equivalent_fusion_weight (seed 0), with or
-    without the layout-invariant redraw."""
+    """build_model draws every fusion vector as equivalent_fusion_weight: at seed 0 without
+    the layout-invariant redraw, at the run's seed with it (the trainer's --seed)."""
     from fusedkv_megatron import build_model
     from tests.tiny import SEQ, VOCAB, tiny_config
 
@@ -119,7 +119,8 @@ def test_fresh_megatron_model_starts_from_the_rule(megatron_tp1, init_seed):
                 p = params[
                     f"decoder.layers.{plan.layer_number - 1}.self_attention.{kind}_weight_{j}"
                 ]
-                assert torch.equal(p, equivalent_fusion_weight(tuple(p.shape), term, plan))
+                seed = init_seed or 0
+                assert torch.equal(p, equivalent_fusion_weight(tuple(p.shape), term, plan, seed))
 
 
 @pytest.mark.parametrize("variant", ["fusedkv", "fusedkv_lite_learnable"])
