@@ -19,6 +19,7 @@ rows past the padded size of another layout cannot match it.
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import torch
 from megatron.core import parallel_state
@@ -39,6 +40,16 @@ def parameter_seed(seed: int, name: str) -> int:
     """A 63-bit seed for one parameter, stable across processes and Python versions."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_full_tensor(seed: int, gname: str, shape, fill) -> torch.Tensor:
+    """A full-size fp32 CPU tensor filled by `fill(tensor)` under the CPU generator seeded for
+    parameter `gname` (its global name); the caller's random state is left as it was."""
+    full = torch.empty(shape, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only; restored after
+        torch.random.default_generator.manual_seed(parameter_seed(seed, gname))
+        fill(full)
+    return full
 
 
 def _layer_prefixes(model: torch.nn.Module) -> dict[str, int]:
@@ -119,9 +130,7 @@ def reset_parameters(model: torch.nn.Module, seed: int) -> None:
         if tied and gname == "output_layer.weight":
             gname = "embedding.word_embeddings.weight"  # the last stage's copy of the tie
         shape, dim = _full_shape(param, tp)
-        full = torch.empty(shape, dtype=torch.float32)
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only; restored after
-            torch.random.default_generator.manual_seed(parameter_seed(seed, gname))
-            _initialise(model, config, name, gname, full, seed)
+        fill = partial(_initialise, model, config, name, gname, seed=seed)
+        full = seeded_full_tensor(seed, gname, shape, fill)
         glu = config.gated_linear_unit and name.endswith("linear_fc1.weight")
         param.copy_(_local_slice(full, dim, tp, rank, glu))

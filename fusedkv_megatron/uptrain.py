@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .config import FUSION_INITS, VARIANTS, KVSharingConfig, KVSharingError
-from .fusion import LayerPlan, Term, init_fusion_weight, layer_plans
+from .fusion import LayerPlan, Term, fusion_weight_name, init_fusion_weight, layer_plans
 from .hf.mapping import ConversionError
 from .training.data import DataError
 
@@ -113,15 +113,15 @@ def fusion_weight(
 ) -> torch.Tensor:
     """One fusion vector of layer `plan.layer_number`, full size (fp32), as a fresh run at
     `--seed seed` initialises it: its generator seeded by (seed, the parameter's global name)."""
-    from .initialization import parameter_seed
+    from .initialization import seeded_full_tensor
 
     kind = "key" if term.source[1] == "k" else "value"
-    name = f"decoder.layers.{plan.layer_number - 1}.self_attention.{kind}_weight_{index}"
-    full = torch.empty(shape, dtype=torch.float32)
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(parameter_seed(seed, name))
-        init_fusion_weight(full, kv, term, plan, seed=seed)
-    return full
+    name = (
+        f"decoder.layers.{plan.layer_number - 1}.self_attention.{fusion_weight_name(kind, index)}"
+    )
+    return seeded_full_tensor(
+        seed, name, shape, lambda t: init_fusion_weight(t, kv, term, plan, seed=seed)
+    )
 
 
 def convert_hf_tensors(
@@ -139,12 +139,10 @@ def convert_hf_tensors(
         prefix = f"model.layers.{plan.layer_number - 1}."
         for name in _KV_TENSORS:
             del out[prefix + name]
-        for kind, terms in (("key", plan.key), ("value", plan.value)):
+        for kind, j, term in plan.fusion_terms():
             width = d // 2 if kind == "key" else d
-            for j, term in enumerate(terms):
-                if term.weighted:
-                    w = fusion_weight(kv, plan, term, j, (groups, width), seed)
-                    out[f"{prefix}self_attn.{kind}_weight_{j}"] = w.to(dtype)
+            w = fusion_weight(kv, plan, term, j, (groups, width), seed)
+            out[f"{prefix}self_attn.{fusion_weight_name(kind, j)}"] = w.to(dtype)
     return out
 
 
