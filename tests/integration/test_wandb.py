@@ -52,8 +52,7 @@ def _records(run_dir) -> list:
 
 
 def test_wandb_offline_logs_the_tensorboard_scalars(tmp_path_factory, tmp_path):
-    pytest.importorskip("wandb")
-    from tests.conftest import free_port
+    from tests.conftest import free_port  # wandb comes with the test extra: no skip
 
     data = default_data(tmp_path_factory)
     argv = [*TINY, *data_flags(data), "--train-iters", "3", "--eval-interval", "3",
