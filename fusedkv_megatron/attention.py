@@ -27,7 +27,9 @@ from megatron.core.transformer.utils import (
 )
 from torch import Tensor
 
+from .attention_policy import fused_attention_applies
 from .config import KVSharingConfig
+from .core_attention import SDPAAttention
 from .fusion import (
     LayerPlan,
     Source,
@@ -36,8 +38,7 @@ from .fusion import (
     fusion_weight_name,
     init_fusion_weight,
 )
-from .kernels import fused_attention_applies, reconstruction_attention
-from .kernels.core_attention import SDPAAttention
+from .kernels import reconstruction_attention
 from .pipeline import SourcePayload
 
 _UNSUPPORTED = ("inference_context", "inference_params", "rotary_pos_cos", "rotary_pos_sin")

@@ -39,8 +39,8 @@ from .attention import (
     StorageAttention,
 )
 from .config import KVSharingConfig
+from .core_attention import SDPAAttention
 from .fusion import LayerPlan, layer_plans, live_sources
-from .kernels.core_attention import SDPAAttention
 from .pipeline import mark_stage_edges
 
 
@@ -257,8 +257,10 @@ def _span(layers: list[int]) -> str:
 
 def _fused_path(config: TransformerConfig, plan: LayerPlan, cuda: bool, backend: str | None):
     """(uses the Triton kernel, why) for a reconstruction layer while training, as
-    `kernels.fused_attention_applies` decides at run time with q in the config's dtype."""
+    `attention_policy.fused_attention_applies` decides at run time with q in the config's
+    dtype."""
     from . import kernels
+    from .attention_policy import fused_kernel_blockers
 
     choice = kernels.requested_backend(backend)
     if choice == "torch":
@@ -268,7 +270,7 @@ def _fused_path(config: TransformerConfig, plan: LayerPlan, cuda: bool, backend:
     if not kernels.triton_available():
         return False, "triton does not import"
     head_dim = config.kv_channels
-    blockers = kernels.fused_kernel_blockers(config, head_dim, plan)
+    blockers = fused_kernel_blockers(config, head_dim, plan)
     if blockers:
         raise_note = " (forced triton would raise)" if choice == "triton" else ""
         return False, "; ".join(blockers) + raise_note

@@ -4,15 +4,13 @@
   with K = sum wk_i * K_i and V = sum wv_i * V_i fused on chip (Triton, forward + backward) or
   materialized then SDPA (PyTorch reference).
 - `reconstruction_decode`: flash-decoding of a few query tokens against source caches.
-- `SDPAAttention` (core_attention.py): Megatron-compatible core attention on torch SDPA, the
-  local backend's replacement for Megatron's unfused DotProductAttention.
 
 Backend choice: `FUSEDKV_ATTENTION_BACKEND=auto|triton|torch` (or an explicit `backend=`
 argument, which wins). `auto` runs Triton on CUDA tensors and PyTorch elsewhere; `triton` on
 CPU needs `TRITON_INTERPRET=1` (tests only: the interpreter is slow); `torch` always runs the
 reference. The Triton modules are imported only when used. Head dims: any multiple of 16 up
 to 256 (`HEAD_DIMS`; tiles padded to a power of two). What keeps a Megatron layer off the
-kernel: `fused_kernel_blockers` (configuration) and `fused_attention_applies` (device, dtype).
+kernel is the layer's policy, next to the attention modules (`attention_policy.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
 from torch import Tensor
 
 from .reference import reconstruction_attention_reference, reconstruction_decode_reference
@@ -124,65 +121,10 @@ def head_dim_supported(head_dim: int) -> bool:
     return head_dim in HEAD_DIMS
 
 
-def fused_kernel_blockers(
-    config, head_dim: int, plan, training: bool = True, attn_mask_type="causal"
-) -> list[str]:
-    """Why the fused kernel cannot run a reconstruction layer of `plan` under the Megatron
-    `config` (empty if it can). Independent of the device and dtype (see fused_attention_applies)."""
-    why = []
-    if training and config.attention_dropout > 0:
-        why.append(f"attention_dropout={config.attention_dropout} (the kernel has no dropout)")
-    if config.context_parallel_size != 1:
-        why.append(f"context_parallel_size={config.context_parallel_size}")
-    if getattr(attn_mask_type, "name", attn_mask_type) != "causal":
-        why.append(f"attn_mask_type={attn_mask_type} (causal only)")
-    if config.softmax_type != "vanilla" or config.window_size is not None:
-        why.append(f"softmax_type={config.softmax_type!r}, window_size={config.window_size}")
-    if not head_dim_supported(head_dim):
-        why.append(f"head_dim={head_dim} (a multiple of 16 up to 256)")
-    if len(plan.key) > 2 or len(plan.value) > 2:
-        why.append("more than two sources for K or V")
-    return why
-
-
-def _unsupported(module) -> list[str]:
-    return fused_kernel_blockers(
-        module.config,
-        module.hidden_size_per_attention_head,
-        module.plan,
-        module.training,
-        module.attn_mask_type,
-    )
-
-
-def fused_attention_applies(
-    module, q: Tensor, backend: str | None = None, sources: list[Tensor] = ()
-) -> bool:
-    """Whether a ReconstructionAttention `module` runs the Triton kernel for the query `q`
-    (and the source tensors it would read): auto picks it on CUDA when q is fp16/bf16, the
-    sources have q's dtype and the layer is supported (else the materializing path; fp32 would
-    make the kernel's dots TF32); a forced `triton` raises on an unsupported layer."""
-    if not use_triton(q, backend):
-        return False
-    why = _unsupported(module)
-    mixed = sorted({str(x.dtype) for x in sources if x.dtype != q.dtype})
-    if mixed:
-        why.append(f"sources in {', '.join(mixed)} but the query in {q.dtype}")
-    forced = requested_backend(backend) == "triton"
-    if why and forced:
-        raise RuntimeError(
-            f"{BACKEND_ENV}=triton, but layer {module.layer_number} cannot use the fused "
-            f"kernel: {'; '.join(why)}. Use auto or torch for this configuration"
-        )
-    return not why and (forced or q.dtype in (torch.float16, torch.bfloat16))
-
-
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
     "HEAD_DIMS",
-    "fused_attention_applies",
-    "fused_kernel_blockers",
     "head_dim_supported",
     "reconstruction_attention",
     "reconstruction_attention_reference",

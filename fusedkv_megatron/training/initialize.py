@@ -28,9 +28,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 from megatron.core.transformer.module import Float16Module
 
 from .. import KVSharingConfig, build_model, qwen3_config
+from ..compat import optimizer_fixes
 from ..fusion import FUSION_WEIGHT_GLOBS
 from ..pipeline import check_layout
-from . import optimizer_fixes
 from .arguments import ArgumentError
 from .model_size import padded_vocab  # one padding rule for the trainer and the planner
 from .tokenizer import build_tokenizer

@@ -188,7 +188,7 @@ def test_sdpa_core_attention_uses_flash(megatron_tp1):
     from megatron.core.transformer.enums import AttnMaskType
 
     from fusedkv_megatron import qwen3_config
-    from fusedkv_megatron.kernels.core_attention import SDPAAttention
+    from fusedkv_megatron.core_attention import SDPAAttention
 
     config = qwen3_config(
         1, 2048, 16, num_query_groups=4, kv_channels=128, bf16=True, params_dtype=torch.bfloat16

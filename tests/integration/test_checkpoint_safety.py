@@ -147,7 +147,7 @@ def test_keep_latest_k_never_deletes_the_latest(flags, tmp_path, capfd, dist_sin
 @pytest.fixture
 def te_like_extra_state(monkeypatch):
     """Give the local backend's core attention a Transformer Engine-style `_extra_state`."""
-    from fusedkv_megatron.kernels.core_attention import SDPAAttention
+    from fusedkv_megatron.core_attention import SDPAAttention
 
     received = []
 

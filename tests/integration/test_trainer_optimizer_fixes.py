@@ -1,5 +1,5 @@
 """The three DistributedOptimizer checkpoint bugs (docs/upstream.md) still exist upstream without
-fusedkv_megatron/training/optimizer_fixes.py, and are gone with it. When an upstream release
+fusedkv_megatron/compat/optimizer_fixes.py, and are gone with it. When an upstream release
 fixes one, its "upstream still has the bug" assertion fails: drop that fix then."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 
-from fusedkv_megatron.training import optimizer_fixes
+from fusedkv_megatron.compat import optimizer_fixes
 from fusedkv_megatron.training.arguments import parse_args, validate_args
 from fusedkv_megatron.training.checkpointing import (
     OPTIMIZER_METADATA,

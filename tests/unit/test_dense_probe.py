@@ -54,7 +54,7 @@ def test_uniform_init_is_the_mean_of_the_sources():
 
 
 def test_kernel_policy_materialises_more_than_two_sources():
-    from fusedkv_megatron.kernels import fused_kernel_blockers
+    from fusedkv_megatron.attention_policy import fused_kernel_blockers
 
     config = SimpleNamespace(
         attention_dropout=0.0, context_parallel_size=1, softmax_type="vanilla", window_size=None

@@ -318,7 +318,8 @@ def check_rejects_unsupported() -> None:
 
 
 def _layer(head_dim: int = 128, **config):
-    """A stand-in for a ReconstructionAttention: what fused_attention_applies reads."""
+    """A stand-in for a ReconstructionAttention: what attention_policy.fused_attention_applies
+    reads."""
     from types import SimpleNamespace
 
     cfg = (
@@ -341,26 +342,28 @@ def _layer(head_dim: int = 128, **config):
 def test_fused_attention_applies_rules(monkeypatch):
     """Where Triton can run: auto takes the kernel for bf16/fp16 supported layers and falls
     back otherwise (fp32, dropout, CP); forced triton raises on an unsupported layer."""
-    monkeypatch.setattr(kernels, "use_triton", lambda x, backend=None: True)
+    from fusedkv_megatron import attention_policy as policy
+
+    monkeypatch.setattr(policy, "use_triton", lambda x, backend=None: True)
     bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
-    assert kernels.fused_attention_applies(_layer(), bf16, "auto")
-    assert kernels.fused_attention_applies(_layer(), torch.zeros(1, dtype=torch.half), "auto")
-    assert not kernels.fused_attention_applies(_layer(), fp32, "auto")
-    assert kernels.fused_attention_applies(_layer(), fp32, "triton")
+    assert policy.fused_attention_applies(_layer(), bf16, "auto")
+    assert policy.fused_attention_applies(_layer(), torch.zeros(1, dtype=torch.half), "auto")
+    assert not policy.fused_attention_applies(_layer(), fp32, "auto")
+    assert policy.fused_attention_applies(_layer(), fp32, "triton")
     for bad in (dict(attention_dropout=0.1), dict(context_parallel_size=2)):
-        assert not kernels.fused_attention_applies(_layer(**bad), bf16, "auto")
+        assert not policy.fused_attention_applies(_layer(**bad), bf16, "auto")
         with pytest.raises(RuntimeError, match="layer 7 cannot use the fused kernel"):
-            kernels.fused_attention_applies(_layer(**bad), bf16, "triton")
+            policy.fused_attention_applies(_layer(**bad), bf16, "triton")
     for d in (16, 48, 96, 160, 256):
-        assert kernels.fused_attention_applies(_layer(d), bf16, "auto"), d
+        assert policy.fused_attention_applies(_layer(d), bf16, "auto"), d
     for d in (24, 8, 272):
-        assert not kernels.fused_attention_applies(_layer(d), bf16, "auto"), d
+        assert not policy.fused_attention_applies(_layer(d), bf16, "auto"), d
     # The query's dtype decides (not the hidden states'); sources of another dtype do not fuse.
-    assert not kernels.fused_attention_applies(_layer(), bf16, "auto", sources=[fp32])
+    assert not policy.fused_attention_applies(_layer(), bf16, "auto", sources=[fp32])
     with pytest.raises(RuntimeError, match="sources in torch.float32 but the query in"):
-        kernels.fused_attention_applies(_layer(), bf16, "triton", sources=[fp32])
-    monkeypatch.setattr(kernels, "use_triton", lambda x, backend=None: False)
-    assert not kernels.fused_attention_applies(_layer(), bf16, "auto")
+        policy.fused_attention_applies(_layer(), bf16, "triton", sources=[fp32])
+    monkeypatch.setattr(policy, "use_triton", lambda x, backend=None: False)
+    assert not policy.fused_attention_applies(_layer(), bf16, "auto")
 
 
 @pytest.mark.slow

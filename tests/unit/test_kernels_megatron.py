@@ -16,7 +16,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from fusedkv_megatron import kernels
-from fusedkv_megatron.kernels.core_attention import SDPAAttention
+from fusedkv_megatron.core_attention import SDPAAttention
 from tests.tiny import HEADS, HIDDEN, tiny_batch, tiny_config, tiny_model
 from tests.unit.test_kernels import interpreted, interpreter_results  # noqa: F401
 
