@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 0
     owns_group = not torch.distributed.is_initialized()  # a caller's group is left alone
+    callers_groups = _process_groups()
     watch = failures.PeerFailureWatch()
     try:
         args = parse_args(argv)
@@ -271,10 +272,22 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_model_parallel()  # drops Megatron's handles, destroys nothing
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        else:  # a caller's world: destroy the groups this run made (Megatron drops only handles)
+            for group in _process_groups() - callers_groups:
+                torch.distributed.destroy_process_group(group)
     return code
+
+
+def _process_groups() -> set:
+    """Every live process group (torch has no public list of them)."""
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return set()
+    return set(torch.distributed.distributed_c10d._world.pg_map)
 
 
 if __name__ == "__main__":  # the checkpoint writer's spawned Manager re-imports __main__
