@@ -84,7 +84,8 @@ def run(args) -> int:
 def _run(args, signals) -> int:
     import torch
 
-    from .training import checkpoint_format as fmt
+    from . import checkpoint_format as fmt
+    from .data.datasets import build_train_valid_test_datasets
     from .training.checkpointing import (
         TrainState,
         check_save_dir,
@@ -92,7 +93,6 @@ def _run(args, signals) -> int:
         resolve_load_dir,
         save_checkpoint,
     )
-    from .training.data import build_train_valid_test_datasets
     from .training.initialize import setup
     from .training.loop import Trainer
     from .training.model_size import ModelShape, flops_per_token, peak_tflops
@@ -209,12 +209,12 @@ def _run(args, signals) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are bad input or configuration: exit 2 with their message, no traceback."""
+    from .checkpoint_format import CheckpointFormatError
     from .config import KVSharingError
+    from .data.datasets import DataError
+    from .data.tokenizer import TokenizerError
     from .pipeline import PipelineConfigError
     from .training.arguments import ArgumentError
-    from .training.checkpoint_format import CheckpointFormatError
-    from .training.data import DataError
-    from .training.tokenizer import TokenizerError
 
     return (
         ArgumentError,

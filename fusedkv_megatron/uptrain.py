@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from .config import FUSION_INITS, VARIANTS, KVSharingConfig, KVSharingError
+from .data.datasets import DataError
 from .fusion import LayerPlan, Term, fusion_weight_name, init_fusion_weight, layer_plans
 from .hf.mapping import ConversionError
-from .training.data import DataError
 
 log = logging.getLogger(__name__)
 FULL_CACHE = ("vanilla", "gqa")
@@ -59,10 +59,10 @@ def _is_hf_dir(path: Path) -> bool:
 
 def load_source(path: str | Path) -> Model:
     """The full-cache model at `path`: a fusedkv-pretrain checkpoint or an HF directory."""
+    from . import checkpoint_format as ckpt_format
     from .hf.convert import hf_tokenizer_section, load_hf_config, load_hf_tensors
     from .hf.mapping import hf_to_megatron_state_dict, run_info_sections_from_hf_config
     from .hf.megatron_io import load_megatron_checkpoint
-    from .training import checkpoint_format as ckpt_format
 
     path = Path(path)
     if _is_hf_dir(path):
@@ -148,12 +148,12 @@ def convert_hf_tensors(
 
 def convert_model(source: Model, kv: KVSharingConfig, seed: int, tp: int = 1, pp: int = 1):
     """The converted Model (run info at iteration 0, TP=1 Megatron tensors)."""
+    from . import checkpoint_format as ckpt_format
     from .hf.mapping import (
         hf_config_from_run_info,
         hf_to_megatron_state_dict,
         megatron_to_hf_state_dict,
     )
-    from .training import checkpoint_format as ckpt_format
 
     dtype = source.state["embedding.word_embeddings.weight"].dtype
     tensors = megatron_to_hf_state_dict(source.state, hf_config_from_run_info(source.info, dtype))

@@ -19,7 +19,7 @@ from .hf.mapping import ConversionError
 
 
 def _tokenizer(info: dict, tokenizer_file):
-    from .training.tokenizer import build_tokenizer
+    from .data.tokenizer import build_tokenizer
 
     tok = info["tokenizer"]
     if tok["type"] == "SentencePieceTokenizer" and tokenizer_file is None:
@@ -36,9 +36,9 @@ def validation_loss(
 ) -> float:
     """Mean token loss of `model` (an uptrain.Model) on the first `samples` sequences of the
     indexed dataset at `prefix`, in the trainer's validation order."""
+    from .data.datasets import build_train_valid_test_datasets
     from .hf.megatron_io import build_megatron_model, single_process_megatron
     from .training.batches import MicrobatchIterator
-    from .training.data import build_train_valid_test_datasets
 
     if samples < 1 or micro_batch_size < 1 or samples % micro_batch_size:
         raise ConversionError(

@@ -14,7 +14,7 @@ ADDED = "<|extra|>"  # an added special token: counted by len(tokenizer)
 
 
 def corpus_texts(max_docs: int = 120) -> list[str]:
-    from fusedkv_megatron.training.data import DEFAULT_TRAIN_CORPUS
+    from fusedkv_megatron.data.datasets import DEFAULT_TRAIN_CORPUS
 
     with gzip.open(DEFAULT_TRAIN_CORPUS, "rt", encoding="utf-8") as f:
         return [json.loads(line)["text"] for _, line in zip(range(max_docs), f)]

@@ -12,7 +12,7 @@ or, with a local Hugging Face tokenizer directory (Megatron-LM's HuggingFaceToke
         --append-eod --workers 4
 
 writes data/my_text_document.bin/.idx (pass data/my_text_document to --data-path). The logic
-lives in fusedkv_megatron/training/preprocess.py
+lives in fusedkv_megatron/data/preprocess.py
 (its command line in preprocess_cli.py); --help lists every option.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from fusedkv_megatron.training.preprocess_cli import preprocess_main  # noqa: E402
+from fusedkv_megatron.data.preprocess_cli import preprocess_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(preprocess_main())

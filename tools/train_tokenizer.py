@@ -5,7 +5,7 @@
         --output-prefix tokenizers/my
 
 writes tokenizers/my.model (for --tokenizer-model) and tokenizers/my.vocab. The logic lives in
-fusedkv_megatron/training/preprocess.py
+fusedkv_megatron/data/preprocess.py
 (its command line in preprocess_cli.py); --help lists every option.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from fusedkv_megatron.training.preprocess_cli import train_tokenizer_main  # noqa: E402
+from fusedkv_megatron.data.preprocess_cli import train_tokenizer_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(train_tokenizer_main())

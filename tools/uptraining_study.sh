@@ -43,7 +43,7 @@ read -r -a EXTRA <<< "${UPTRAIN_EXTRA:-}"
 echo "[uptraining] data and tokenizer in $OUT/data"
 eval "$("$PY" - "$OUT/data" <<'EOF'
 import shlex, sys
-from fusedkv_megatron.training.data import prepare_default_data
+from fusedkv_megatron.data.datasets import prepare_default_data
 paths = prepare_default_data(sys.argv[1])
 for key, value in paths.items():
     print(f"{key.upper()}={shlex.quote(value)}")
@@ -76,7 +76,7 @@ evaluate() {
     "$PY" - "$1" "$HELDOUT_DATA_PREFIX" "$(( EVAL_ITERS * 16 ))" "$SEED" <<'EOF'
 import sys
 from fusedkv_megatron.hf.megatron_io import load_megatron_checkpoint
-from fusedkv_megatron.training import checkpoint_format as cf
+from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.uptrain import Model
 from fusedkv_megatron.uptrain_eval import validation_loss
 

@@ -38,7 +38,7 @@ mkdir -p "$OUT"
 echo "[study] data and tokenizer in $OUT/data"
 eval "$("$PY" - "$OUT/data" <<'EOF'
 import shlex, sys
-from fusedkv_megatron.training.data import prepare_default_data
+from fusedkv_megatron.data.datasets import prepare_default_data
 paths = prepare_default_data(sys.argv[1])
 for key, value in paths.items():
     print(f"{key.upper()}={shlex.quote(value)}")

@@ -49,7 +49,7 @@ class EvalError(ValueError):
 
 def resolve_model(path: str | Path) -> tuple[str, Path, int | None]:
     """("megatron", the iteration directory, its iteration) or ("hf", the directory, None)."""
-    from ..training import checkpoint_format as fmt
+    from .. import checkpoint_format as fmt
 
     path = Path(path)
     if (path / fmt.TRACKER_FILE).is_file():
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.online:
         go_offline()  # before anything imports huggingface_hub
     tasks = [t for t in a.tasks.split(",") if t]
+    from ..checkpoint_format import CheckpointFormatError
     from ..hf.mapping import ConversionError
-    from ..training.checkpoint_format import CheckpointFormatError
 
     try:
         report = evaluate(

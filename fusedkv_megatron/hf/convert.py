@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import checkpoint_format as ckpt_format
+from .. import checkpoint_format as ckpt_format
 from .configuration_fusedkv import FusedKVConfig
 from .mapping import (
     ConversionError,

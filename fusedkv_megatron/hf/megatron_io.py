@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import checkpoint_format as ckpt_format
 from .. import compat
-from ..training import checkpoint_format as ckpt_format
 from .mapping import ConversionError, check_layer_layout, hf_config_from_run_info
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")

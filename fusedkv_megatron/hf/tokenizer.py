@@ -83,7 +83,7 @@ def export_hf_tokenizer(source_dir: str | Path, out_dir: str | Path, eod_id: int
     end-of-document id `eod_id` must be the tokenizer's EOS."""
     from transformers import AutoTokenizer
 
-    from ..training.tokenizer import hf_tokenizer_files
+    from ..data.tokenizer import hf_tokenizer_files
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     files = hf_tokenizer_files(source_dir) if source_dir.is_dir() else []
@@ -111,8 +111,8 @@ def hf_tokenizer_run_info(hf_dir: str | Path, padded_vocab_size: int) -> dict | 
     (no tokenizer.model; tokenizer.json or tokenizer_config.json), or None without one."""
     from transformers import AutoTokenizer
 
-    from ..training.checkpoint_format import TOKENIZER_DIR
-    from ..training.tokenizer import hf_tokenizer_files
+    from ..checkpoint_format import TOKENIZER_DIR
+    from ..data.tokenizer import hf_tokenizer_files
 
     hf_dir = Path(hf_dir)
     names = {f.name for f in hf_tokenizer_files(hf_dir)}

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import checkpoint_format as ckpt_format
 from ..config import KVSharingConfig
 from ..fusion import kv_cache_bytes_per_token
-from ..training import checkpoint_format as ckpt_format
 from ..training.model_size import ModelShape, parameter_count
 from .events import NoEventFilesError, RunEvents, read_run_events
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import checkpoint_format as ckpt_format
 from ..config import KVSharingConfig
 from ..fusion import FUSION_WEIGHT_RE, layer_plans
-from ..training import checkpoint_format as ckpt_format
 
 _NAME = re.compile(r"layers\.(\d+)\.self_(?:attention|attn)\." + FUSION_WEIGHT_RE.pattern)
 KINDS = {"key": "K", "value": "V"}

@@ -40,7 +40,7 @@ class MicrobatchIterator(Iterator):
         start = self.position + self.rank * self.mbs
         self.position += self.mbs * self.dp
         if start + self.mbs > len(self.dataset):
-            from .data import DataError
+            from ..data.datasets import DataError
 
             raise DataError(
                 f"the data ran out: sample {start + self.mbs - 1} was requested but the dataset "

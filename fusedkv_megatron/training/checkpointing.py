@@ -39,8 +39,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .. import checkpoint_format as fmt
 from ..compat import optimizer_fixes
-from . import checkpoint_format as fmt
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 

@@ -29,11 +29,11 @@ from megatron.core.transformer.module import Float16Module
 
 from .. import KVSharingConfig, build_model, qwen3_config
 from ..compat import optimizer_fixes
+from ..data.tokenizer import build_tokenizer
 from ..fusion import FUSION_WEIGHT_GLOBS
 from ..pipeline import check_layout
 from .arguments import ArgumentError
 from .model_size import padded_vocab  # one padding rule for the trainer and the planner
-from .tokenizer import build_tokenizer
 
 # Fusion weights get no weight decay (our choice, docs/model.md); norms and biases neither.
 NO_DECAY_NAMES = FUSION_WEIGHT_GLOBS

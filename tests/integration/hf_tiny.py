@@ -37,7 +37,7 @@ def build_tiny(variant: str, kv_overrides: dict | None = None, **config_override
 
 def run_info(model) -> dict:
     """fusedkv_run.json of a build_tiny model, read off its config (so overrides carry over)."""
-    from fusedkv_megatron.training import checkpoint_format as cf
+    from fusedkv_megatron import checkpoint_format as cf
 
     c, kv = model.config, model.kv_sharing
     arch = cf.model_section(
@@ -104,7 +104,7 @@ def save_checkpoint(model, root, name: str, tokenizer_model):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from fusedkv_megatron.training import checkpoint_format as cf
+    from fusedkv_megatron import checkpoint_format as cf
 
     out = cf.iteration_dir(Path(root) / name, ITERATION)
     rank = dist.get_rank()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedkv_megatron.training import checkpoint_format as cf
+from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.training.checkpointing import CRASH_POINTS
 from tests.integration.trainer_helpers import (
     REPO,

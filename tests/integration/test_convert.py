@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fusedkv_megatron import VARIANTS
+from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.hf.convert import (
     hf_to_megatron,
     load_hf_tensors,
@@ -24,7 +25,6 @@ from fusedkv_megatron.hf.convert import (
     megatron_to_hf,
 )
 from fusedkv_megatron.hf.mapping import ConversionError
-from fusedkv_megatron.training import checkpoint_format as cf
 from tests.integration.hf_tiny import (
     EOD,
     build_tiny,

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fusedkv_megatron import VARIANTS
+from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.hf.convert import load_hf_tensors, main_to_megatron, megatron_to_hf
-from fusedkv_megatron.training import checkpoint_format as cf
 from tests.conftest import run_torchrun
 from tests.integration.hf_tiny import TP_PP, build_tiny, train_sentencepiece
 from tests.tiny import tiny_batch

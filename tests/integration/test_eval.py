@@ -46,9 +46,9 @@ def _value(args: list, flag: str) -> str:
 def trained(tmp_path_factory):
     """A 20-iteration checkpoint, the held-out subset tokenized, and the trainer's validation
     loss on all of that subset (--skip-train from the checkpoint)."""
+    from fusedkv_megatron.data.preprocess import preprocess_data
+    from fusedkv_megatron.data.tokenizer import build_tokenizer
     from fusedkv_megatron.pretrain import main
-    from fusedkv_megatron.training.preprocess import preprocess_data
-    from fusedkv_megatron.training.tokenizer import build_tokenizer
 
     assert (int(_value(TINY, "--seq-length")), int(_value(TINY, "--global-batch-size"))) == (
         SEQ,

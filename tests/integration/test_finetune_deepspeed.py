@@ -133,8 +133,8 @@ def test_way_back_reproduces_the_finetuned_logits(runs, megatron_tp1, tmp_path):
     from megatron.core import dist_checkpointing
     from transformers import AutoModelForCausalLM
 
+    from fusedkv_megatron import checkpoint_format as cf
     from fusedkv_megatron.hf.convert import main_to_megatron
-    from fusedkv_megatron.training import checkpoint_format as cf
 
     out = runs[0][3][0]
     assert main_to_megatron(["--hf", str(out), "--save", str(tmp_path / "mg")]) == 0
@@ -157,9 +157,9 @@ def test_pretrain_resumes_from_the_way_back(runs, export, tmp_path, capfd):
     same tokens as the jsonl it came from."""
     from transformers import AutoTokenizer
 
+    from fusedkv_megatron.data.preprocess import preprocess_data
     from fusedkv_megatron.hf.convert import hf_to_megatron
     from fusedkv_megatron.hf.finetune import load_tokens
-    from fusedkv_megatron.training.preprocess import preprocess_data
     from tests.integration.trainer_helpers import run_cli
 
     root, hf, data = export

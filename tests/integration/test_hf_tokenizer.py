@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from fusedkv_megatron.training import checkpoint_format as cf
+from fusedkv_megatron import checkpoint_format as cf
 from tests.hf_tokenizer import ADDED, EOS, build_hf_tokenizer, corpus_texts
 from tests.integration.trainer_helpers import TINY, run_cli
 
@@ -24,8 +24,8 @@ TEXT = "To be, or not to be: that is the question."
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Tokenizer, preprocessed data, and a 3-iteration run with a checkpoint."""
+    from fusedkv_megatron.data.preprocess_cli import preprocess_main
     from fusedkv_megatron.pretrain import main
-    from fusedkv_megatron.training.preprocess_cli import preprocess_main
 
     root = tmp_path_factory.mktemp("hf_tok")
     tok_dir = build_hf_tokenizer(root / "tokenizer")
@@ -94,8 +94,8 @@ def test_resume_compares_the_tokenizer_files(run, tmp_path, capfd):
 def test_export_loads_with_autotokenizer_and_generates(run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fusedkv_megatron.data.tokenizer import build_tokenizer
     from fusedkv_megatron.hf.convert import hf_to_megatron, megatron_to_hf
-    from fusedkv_megatron.training.tokenizer import build_tokenizer
 
     out = megatron_to_hf(run["root"] / "ckpt", tmp_path / "hf")
     trainer_tok = build_tokenizer("HuggingFaceTokenizer", str(run["tok_dir"]))

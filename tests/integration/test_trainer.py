@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fusedkv_megatron import VARIANTS
-from fusedkv_megatron.training import checkpoint_format as cf
+from fusedkv_megatron import checkpoint_format as cf
 from tests.integration.trainer_helpers import (
     TINY,
     data_flags,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fusedkv_megatron.training import checkpoint_format as cf
+from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.training.signals import ExitSignalHandler
 from tests.integration.trainer_helpers import (
     REPO,

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from fusedkv_megatron import KVSharingConfig
+from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.fusion import equivalent_fusion_weight, init_fusion_weight, layer_plans
 from fusedkv_megatron.hf.mapping import ConversionError
-from fusedkv_megatron.training import checkpoint_format as cf
 from tests.integration.trainer_helpers import TINY, data_flags, default_data, scalars
 from tests.tiny import tiny_batch
 from tests.unit.test_hf_model import assert_fp32_close

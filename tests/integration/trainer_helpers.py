@@ -21,7 +21,7 @@ TINY = [
 
 def default_data(tmp_path_factory) -> dict:
     """The embedded corpus, tokenized once per test session (prepare_default_data reuses it)."""
-    from fusedkv_megatron.training.data import prepare_default_data
+    from fusedkv_megatron.data.datasets import prepare_default_data
 
     out = tmp_path_factory.getbasetemp() / "trainer_default_data"
     return prepare_default_data(str(out), vocab_size=2000)

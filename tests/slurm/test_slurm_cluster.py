@@ -91,7 +91,7 @@ def time_limited_run(tmp_path_factory):
             pytest.fail(f"FUSEDKV_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(f"{problem}; start a local cluster with: bash tools/slurm_local.sh start")
 
-    from fusedkv_megatron.training.data import prepare_default_data
+    from fusedkv_megatron.data.datasets import prepare_default_data
 
     # the embedded corpus, shared with the trainer tests of the same session
     data = prepare_default_data(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fusedkv_megatron.data.datasets import DataError
 from fusedkv_megatron.training.batches import MicrobatchIterator
-from fusedkv_megatron.training.data import DataError
 
 
 def _sample(i: int) -> dict:

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from fusedkv_megatron.training import checkpoint_format as cf
+from fusedkv_megatron import checkpoint_format as cf
 
 
 class Crash(Exception):

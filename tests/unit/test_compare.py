@@ -11,8 +11,8 @@ import statistics
 import pytest
 
 from fusedkv_megatron import KVSharingConfig
+from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.research import compare, events
-from fusedkv_megatron.training import checkpoint_format as cf
 from fusedkv_megatron.training.model_size import ModelShape, parameter_count
 
 SEQ, GBS = 32, 8

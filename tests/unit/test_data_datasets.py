@@ -8,15 +8,15 @@ import shutil
 import numpy as np
 import pytest
 
-from fusedkv_megatron.training.data import (
+from fusedkv_megatron.data.datasets import (
     DEFAULT_HELDOUT_CORPUS,
     DataError,
     build_train_valid_test_datasets,
     parse_data_path,
     prepare_default_data,
 )
-from fusedkv_megatron.training.preprocess import preprocess_data, train_tokenizer
-from fusedkv_megatron.training.tokenizer import build_tokenizer
+from fusedkv_megatron.data.preprocess import preprocess_data, train_tokenizer
+from fusedkv_megatron.data.tokenizer import build_tokenizer
 
 VOCAB = 60000  # NullTokenizer: eod = 59999
 SEQ = 32

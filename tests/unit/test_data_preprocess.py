@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from fusedkv_megatron.training.preprocess import (
+from fusedkv_megatron.data.preprocess import (
     PreprocessError,
     iter_documents,
     preprocess_data,
     train_tokenizer,
 )
-from fusedkv_megatron.training.preprocess_cli import preprocess_main
-from fusedkv_megatron.training.tokenizer import build_tokenizer
+from fusedkv_megatron.data.preprocess_cli import preprocess_main
+from fusedkv_megatron.data.tokenizer import build_tokenizer
 
 # Other tests in this process may have started gloo's threads (a process group); the forked
 # tokenizer workers only run Python and sentencepiece, so fork's thread warning does not apply.

@@ -24,7 +24,7 @@ MEGATRON_FREE = {
     "fusedkv_megatron.fusion": ("megatron",),
     "fusedkv_megatron.compat": ("megatron",),
     "fusedkv_megatron.hf.mapping": ("megatron",),
-    "fusedkv_megatron.training.checkpoint_format": ("megatron", "torch"),
+    "fusedkv_megatron.checkpoint_format": ("megatron", "torch"),
     "fusedkv_megatron.research": ("megatron", "torch"),
     "fusedkv_megatron.research.compare": ("megatron", "torch"),
     "fusedkv_megatron.research.probe": ("megatron", "torch"),

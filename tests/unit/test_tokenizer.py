@@ -9,14 +9,14 @@ import pickle
 
 import pytest
 
-from fusedkv_megatron.training.data import DEFAULT_TRAIN_CORPUS
-from fusedkv_megatron.training.preprocess import (
+from fusedkv_megatron.data.datasets import DEFAULT_TRAIN_CORPUS
+from fusedkv_megatron.data.preprocess import (
     PreprocessError,
     iter_documents,
     train_tokenizer,
 )
-from fusedkv_megatron.training.preprocess_cli import train_tokenizer_main
-from fusedkv_megatron.training.tokenizer import (
+from fusedkv_megatron.data.preprocess_cli import train_tokenizer_main
+from fusedkv_megatron.data.tokenizer import (
     NullTokenizer,
     SentencePieceTokenizer,
     TokenizerError,

@@ -377,7 +377,7 @@ def tokenizer_entry(tokenizer_type: str) -> str | None:
 def copy_tokenizer(source: str | os.PathLike, checkpoint_dir: str | os.PathLike) -> Path:
     """Store the tokenizer with a checkpoint: a SentencePiece .model file as TOKENIZER_FILE, a
     Hugging Face tokenizer directory's tokenizer files (not its weights) under TOKENIZER_DIR."""
-    from .tokenizer import hf_tokenizer_files
+    from .data.tokenizer import hf_tokenizer_files
 
     source = Path(source)
     if not source.is_dir():
@@ -394,7 +394,7 @@ def copy_tokenizer(source: str | os.PathLike, checkpoint_dir: str | os.PathLike)
 def tokenizer_differences(stored: str | os.PathLike, source: str | os.PathLike) -> list[str]:
     """The tokenizer files in which a checkpoint's stored tokenizer and `source` differ (a file
     for SentencePiece, a directory's tokenizer files for Hugging Face); empty when alike."""
-    from .tokenizer import hf_tokenizer_files
+    from .data.tokenizer import hf_tokenizer_files
 
     stored, source = Path(stored), Path(source)
     if stored.is_dir() != source.is_dir():

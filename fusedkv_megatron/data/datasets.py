@@ -48,7 +48,7 @@ _PREPROCESS_HINT = (
     "--tokenizer-model TOKENIZER.model --append-eod  (then pass OUT_text_document)"
 )
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+DATA_DIR = Path(__file__).resolve().parent  # the embedded corpus sits next to this module
 DEFAULT_TRAIN_CORPUS = DATA_DIR / "shakespeare.jsonl.gz"
 DEFAULT_HELDOUT_CORPUS = DATA_DIR / "heldout.jsonl.gz"
 
