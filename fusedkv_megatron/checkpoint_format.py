@@ -325,6 +325,38 @@ def make_run_info(
     return info
 
 
+def training_run_info(
+    args: Any, config: Any, kv_sharing: Any, padded_vocab_size: int, tokenizer: Any
+) -> dict[str, Any]:
+    """The run info a `fusedkv-pretrain` run keeps with every checkpoint (iteration 0 here; the
+    save fills it in): from its arguments, the built TransformerConfig and KVSharingConfig, the
+    padded vocabulary and the tokenizer (vocab_size, eod)."""
+    stored_as = tokenizer_entry(args.tokenizer_type)  # a file or directory kept with checkpoints
+    return make_run_info(
+        0,
+        model=model_section(
+            config,
+            padded_vocab_size=padded_vocab_size,
+            seq_length=args.seq_length,
+            rotary_base=args.rotary_base,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        ),
+        kv_sharing=kv_sharing,
+        tokenizer=dict(
+            type=args.tokenizer_type,
+            model_file=stored_as if stored_as and args.tokenizer_model else None,
+            vocab_size=tokenizer.vocab_size,
+            eod_id=tokenizer.eod,
+        ),
+        parallel=dict(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+            data_parallel_size=args.data_parallel_size,
+        ),
+    )
+
+
 def write_run_info(checkpoint_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Write fusedkv_run.json into an iteration directory (atomically)."""
     path = Path(checkpoint_dir) / RUN_FILE

@@ -17,56 +17,6 @@ import sys
 import time
 
 
-def _startup_report(rt, run_info) -> None:
-    import torch
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    from .fusion import kv_cache_bytes_per_token
-    from .pipeline import boundary_bytes
-    from .spec import describe_attention
-    from .training.reporting import print_first
-
-    a, rt_model = rt.args, rt.model
-    counts = torch.zeros(2, dtype=torch.float64)
-    tied = not a.untie_embeddings_and_output_weights
-    for chunk in rt_model:
-        for name, p in chunk.named_parameters():
-            if not param_is_not_tensor_parallel_duplicate(p):
-                continue
-            embedding = "embedding" in name or "output_layer" in name
-            if embedding and "output_layer" in name and tied:
-                continue  # the tied output layer is the input embedding (counted once)
-            counts[0] += p.numel()
-            counts[1] += 0 if embedding else p.numel()
-    counts = counts.to(rt.device)
-    torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
-    m = run_info["model"]
-    kv_bytes = kv_cache_bytes_per_token(rt.kv, a.num_layers, a.num_query_groups, a.kv_channels)
-    print_first(
-        f"> model: {a.kv_sharing}, {a.num_layers} layers, hidden {a.hidden_size}, ffn "
-        f"{a.ffn_hidden_size}, heads {a.num_attention_heads}/{a.num_query_groups} KV, head dim "
-        f"{a.kv_channels}, vocab {rt.tokenizer.vocab_size} (padded {m['padded_vocab_size']}), "
-        f"seq {a.seq_length}\n"
-        f"> parameters: {int(counts[0]):,} with embeddings, {int(counts[1]):,} without\n"
-        f"> KV cache: {kv_bytes:,} bytes per token (bf16)\n"
-        f"> parallel: TP {a.tensor_model_parallel_size}, PP {a.pipeline_model_parallel_size}, "
-        f"VPP {a.virtual_pipeline_model_parallel_size}, DP {a.data_parallel_size}; global batch "
-        f"{a.global_batch_size} = micro {a.micro_batch_size} x DP x {a.num_microbatches} "
-        f"microbatches"
-    )
-    use_te = a.transformer_impl == "transformer_engine"
-    for line in describe_attention(rt.config, rt.kv, use_te, rt.device.type == "cuda"):
-        print_first(line)
-    if a.pipeline_model_parallel_size > 1:
-        for b in boundary_bytes(rt.config, rt.kv, a.micro_batch_size, a.seq_length):
-            print_first(
-                f"> pipeline boundary after layer {b.after_layer}: {b.total_bytes:,} bytes per "
-                f"microbatch per TP rank (hidden {b.hidden_bytes:,} + sources "
-                f"{[f'{kind.upper()}{layer}' for layer, kind in b.sources]} {b.source_bytes:,})"
-            )
-
-
 def run(args) -> int:
     """Train (or evaluate) as `args` say. Exit signals are caught from the very start: one
     received during start-up stops training after its first iteration, with a checkpoint."""
@@ -96,36 +46,14 @@ def _run(args, signals) -> int:
     from .training.initialize import setup
     from .training.loop import Trainer
     from .training.model_size import ModelShape, flops_per_token, peak_tflops
-    from .training.reporting import Reporter, print_first, print_last
+    from .training.reporting import Reporter, print_first, print_last, startup_report
 
     rt = setup(args)
     a = args
-    stored_as = fmt.tokenizer_entry(a.tokenizer_type)  # a file or directory kept with checkpoints
-    tokenizer_file = a.tokenizer_model if stored_as else None
-    run_info = fmt.make_run_info(
-        0,
-        model=fmt.model_section(
-            rt.config,
-            padded_vocab_size=rt.padded_vocab_size,
-            seq_length=a.seq_length,
-            rotary_base=a.rotary_base,
-            share_embeddings_and_output_weights=not a.untie_embeddings_and_output_weights,
-        ),
-        kv_sharing=rt.kv,
-        tokenizer=dict(
-            type=a.tokenizer_type,
-            model_file=stored_as if tokenizer_file else None,
-            vocab_size=rt.tokenizer.vocab_size,
-            eod_id=rt.tokenizer.eod,
-        ),
-        parallel=dict(
-            tensor_model_parallel_size=a.tensor_model_parallel_size,
-            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
-            data_parallel_size=a.data_parallel_size,
-        ),
-    )
-    _startup_report(rt, run_info)
+    # a tokenizer file or directory is kept with every checkpoint
+    tokenizer_file = a.tokenizer_model if fmt.tokenizer_entry(a.tokenizer_type) else None
+    run_info = fmt.training_run_info(a, rt.config, rt.kv, rt.padded_vocab_size, rt.tokenizer)
+    startup_report(rt)
 
     if a.save:
         check_save_dir(a.save)

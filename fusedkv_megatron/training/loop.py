@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -78,6 +79,18 @@ def _agree(flags: list[float]) -> list[float]:
     return t.tolist()
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step did. The flags are agreed over all ranks."""
+
+    loss: float | None  # mean token loss (None off the last pipeline stage)
+    grad_norm: float | None  # None when the step was skipped
+    skipped: bool  # no optimizer/LR step (non-finite values, or the fp16 loss scaler)
+    non_finite: bool  # the loss or a gradient was NaN/inf
+    signal: bool  # an exit signal was received
+    time_up: bool  # --exit-duration-in-mins has passed
+
+
 class Trainer:
     def __init__(self, rt, train_ds, valid_ds, test_ds, reporter, signals, save_fn):
         self.rt, self.args = rt, rt.args
@@ -113,8 +126,9 @@ class Trainer:
             **self.schedule_kwargs,
         )
 
-    def train_step(self, state: TrainState, data, time_up: bool):
-        """One global batch. Returns (loss or None, grad norm or None, skipped, stop flags)."""
+    def train_step(self, state: TrainState, data, time_up: bool) -> StepResult:
+        """One global batch: forward/backward, then the optimizer step unless a loss or
+        gradient is not finite."""
         rt = self.rt
         for chunk in rt.model:
             chunk.zero_grad_buffer()
@@ -136,8 +150,7 @@ class Trainer:
             if ok:
                 rt.scheduler.step(increment=1)
                 skipped = False
-        non_finite = bad_loss or bad_grad
-        return loss, grad_norm, skipped, non_finite, signal, time_up
+        return StepResult(loss, grad_norm, skipped, bad_loss or bad_grad, signal, time_up)
 
     def evaluate(self, dataset, name: str, iteration: int) -> float | None:
         """Mean token loss over the first eval_iters global batches of `dataset`."""
@@ -175,14 +188,12 @@ class Trainer:
                 a.exit_duration_in_mins is not None
                 and (time.time() - start_time) / 60.0 > a.exit_duration_in_mins
             )
-            loss, grad_norm, skipped, non_finite, signal, time_up = self.train_step(
-                state, data, time_up
-            )
+            step = self.train_step(state, data, time_up)
             state.iteration += 1
             state.consumed_train_samples += a.global_batch_size
-            state.skipped_iters += int(skipped)
-            in_a_row = in_a_row + 1 if non_finite else 0
-            self.reporter.record(None if non_finite else loss, grad_norm)
+            state.skipped_iters += int(step.skipped)
+            in_a_row = in_a_row + 1 if step.non_finite else 0
+            self.reporter.record(None if step.non_finite else step.loss, step.grad_norm)
             if state.iteration % a.log_interval == 0:
                 stats = fusion_weight_stats(rt.model)
                 self.reporter.log(
@@ -212,9 +223,9 @@ class Trainer:
             exit_iter = a.exit_interval and state.iteration % a.exit_interval == 0
             reason = (
                 "signal"
-                if signal
+                if step.signal
                 else "time"
-                if time_up
+                if step.time_up
                 else "exit-interval"
                 if exit_iter
                 else None
