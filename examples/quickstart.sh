@@ -25,14 +25,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 
 echo "[quickstart] preparing the tokenizer and datasets in $OUT/data"
-eval "$("$PY" - "$OUT/data" <<'EOF'
-import shlex, sys
-from fusedkv_megatron.data.datasets import prepare_default_data
-paths = prepare_default_data(sys.argv[1])
-for key, value in paths.items():
-    print(f"{key.upper()}={shlex.quote(value)}")
-EOF
-)"
+eval "$("$PY" -m fusedkv_megatron.data.datasets "$OUT/data")"
 
 ARGS=(
     --config examples/configs/tiny.yaml

@@ -41,14 +41,7 @@ mkdir -p "$OUT"
 read -r -a EXTRA <<< "${UPTRAIN_EXTRA:-}"
 
 echo "[uptraining] data and tokenizer in $OUT/data"
-eval "$("$PY" - "$OUT/data" <<'EOF'
-import shlex, sys
-from fusedkv_megatron.data.datasets import prepare_default_data
-paths = prepare_default_data(sys.argv[1])
-for key, value in paths.items():
-    print(f"{key.upper()}={shlex.quote(value)}")
-EOF
-)"
+eval "$("$PY" -m fusedkv_megatron.data.datasets "$OUT/data")"
 
 # The model of tools/variant_study.sh: examples/configs/tiny.yaml at 8 layers.
 MODEL=(

@@ -36,14 +36,7 @@ LOG=$(( ITERS / 50 > 1 ? ITERS / 50 : 1 ))
 mkdir -p "$OUT"
 
 echo "[study] data and tokenizer in $OUT/data"
-eval "$("$PY" - "$OUT/data" <<'EOF'
-import shlex, sys
-from fusedkv_megatron.data.datasets import prepare_default_data
-paths = prepare_default_data(sys.argv[1])
-for key, value in paths.items():
-    print(f"{key.upper()}={shlex.quote(value)}")
-EOF
-)"
+eval "$("$PY" -m fusedkv_megatron.data.datasets "$OUT/data")"
 
 # The model: examples/configs/tiny.yaml at 8 layers (4 storage + 4 top layers): 6.8M parameters
 # without embeddings (vanilla; 8.9M with the tied 8k-vocabulary embedding), 256 tokens x 16

@@ -460,3 +460,23 @@ __all__ = [
     "read_index",
     "split_matrix",
 ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fusedkv_megatron.data.datasets OUT_DIR`: prepare the embedded corpus in OUT_DIR
+    and print its paths as shell assignments (TOKENIZER_MODEL=..., TRAIN_DATA_PREFIX=...,
+    HELDOUT_DATA_PREFIX=...) for the example scripts to `eval`."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m fusedkv_megatron.data.datasets OUT_DIR", file=sys.stderr)
+        return 2
+    for key, value in prepare_default_data(args[0]).items():
+        print(f"{key.upper()}={shlex.quote(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
