@@ -31,10 +31,10 @@ from .attention_policy import fused_attention_applies
 from .config import KVSharingConfig
 from .core_attention import SDPAAttention
 from .fusion import (
+    KVFusion,
     LayerPlan,
     Source,
     expand_key_weight,
-    fuse,
     fusion_weight_name,
     init_fusion_weight,
 )
@@ -237,16 +237,18 @@ class ReconstructionAttention(_AttendMixin, Attention):
             w = tensor_parallel.copy_to_tensor_model_parallel_region(w, group=self.tp_group)
         return expand_key_weight(w, self.config.rotary_interleaved) if kind == "key" else w
 
-    def reconstruct(self, sources: dict[Source, Tensor]) -> tuple[Tensor, Tensor]:
-        key = fuse(
+    def kv_fusion(self, sources: dict[Source, Tensor]) -> KVFusion:
+        """This layer's K/V as a fusion of `sources` (the kernels' argument)."""
+        return KVFusion(
             [sources[t.source] for t in self.plan.key],
             [self.fusion_weight("key", i) for i in range(len(self.plan.key))],
-        )
-        value = fuse(
             [sources[t.source] for t in self.plan.value],
             [self.fusion_weight("value", i) for i in range(len(self.plan.value))],
         )
-        return key, value
+
+    def reconstruct(self, sources: dict[Source, Tensor]) -> tuple[Tensor, Tensor]:
+        kv = self.kv_fusion(sources)
+        return kv.key, kv.value
 
     def get_query(self, hidden_states: Tensor) -> Tensor:
         """The query from the Q-only projection, q-normed, not yet rotated."""
@@ -268,10 +270,7 @@ class ReconstructionAttention(_AttendMixin, Attention):
         kernel's backward recomputes the scores, so selective recompute has nothing to save."""
         out = reconstruction_attention(
             query,
-            [sources[t.source] for t in self.plan.key],
-            [self.fusion_weight("key", i) for i in range(len(self.plan.key))],
-            [sources[t.source] for t in self.plan.value],
-            [self.fusion_weight("value", i) for i in range(len(self.plan.value))],
+            self.kv_fusion(sources),
             softmax_scale=self.config.softmax_scale,
             backend="triton",
         )

@@ -142,6 +142,43 @@ def fuse(sources: list[torch.Tensor], weights: list[torch.Tensor | None]) -> tor
     return out
 
 
+@dataclass(frozen=True)
+class KVFusion:
+    """What a reconstruction layer attends over: K = sum_i k_weights[i] * k_sources[i] and
+    V = sum_i v_weights[i] * v_sources[i] (a weight `[heads or 1, d]`, or None for 1).
+
+    The one argument through which the kernels (`kernels.reconstruction_attention`,
+    `kernels.reconstruction_decode`, their references and Triton versions) take the fusion.
+    Sources are `[s, b, kv_heads, d]` in training and `[b, S, kv_heads, d]` caches in decode.
+    """
+
+    k_sources: tuple
+    k_weights: tuple
+    v_sources: tuple
+    v_weights: tuple
+
+    def __post_init__(self) -> None:
+        for name in ("k_sources", "k_weights", "v_sources", "v_weights"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for kind in ("k", "v"):
+            sources, weights = getattr(self, f"{kind}_sources"), getattr(self, f"{kind}_weights")
+            if not sources or len(sources) != len(weights):
+                raise ValueError(
+                    f"KVFusion: {len(sources)} {kind}_sources and {len(weights)} {kind}_weights; "
+                    "give at least one source and one weight (or None) per source"
+                )
+
+    @property
+    def key(self) -> torch.Tensor:
+        """K, materialised (the reference path)."""
+        return fuse(self.k_sources, self.k_weights)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """V, materialised (the reference path)."""
+        return fuse(self.v_sources, self.v_weights)
+
+
 def init_fusion_weight(
     weight: torch.Tensor, kv: KVSharingConfig, term: Term, plan: LayerPlan, seed: int = 0
 ) -> None:

@@ -10,7 +10,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from . import compat
 from .config import KVSharingConfig
-from .pipeline import prepare_pipeline_config
+from .pipeline import check_pipeline_config, pipeline_p2p_fields
 from .spec import get_fusedkv_decoder_block_spec
 
 
@@ -21,11 +21,19 @@ def qwen3_config(
     num_query_groups: int | None = None,
     ffn_hidden_size: int | None = None,
     kv_channels: int | None = None,
+    *,
+    kv_sharing: KVSharingConfig | None = None,
     **overrides,
 ) -> TransformerConfig:
     """A TransformerConfig with Qwen3's choices: RMSNorm pre-norm, q/k RMSNorm, SwiGLU, no
     biases, no dropout. Any TransformerConfig field can be overridden (parallel sizes, dtype,
-    recompute, ...)."""
+    recompute, ...).
+
+    It also sets what `build_model` checks for: per-layer checkpoint keys
+    (`hetereogenous_dist_checkpoint=True`: top layers differ in shape from bottom layers) and,
+    for an interleaved pipeline, the p2p fields of `pipeline.pipeline_p2p_fields(..., kv_sharing)`.
+    An override of those fields stands, and `build_model` then says what is wrong with it.
+    """
     fields = dict(
         num_layers=num_layers,
         hidden_size=hidden_size,
@@ -48,9 +56,42 @@ def qwen3_config(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        hetereogenous_dist_checkpoint=True,
+    )
+    fields.update(
+        pipeline_p2p_fields(
+            overrides.get("pipeline_model_parallel_size", 1),
+            overrides.get("virtual_pipeline_model_parallel_size"),
+            kv_sharing,
+        )
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+def check_model_config(
+    config: TransformerConfig, kv_sharing: KVSharingConfig, *, rotary_percent: float = 1.0
+) -> None:
+    """What `build_model` needs of its config: the variant's rules (KVSharingConfig.validate),
+    per-layer checkpoint keys, and the pipeline layout with its p2p fields
+    (pipeline.check_pipeline_config). Raises ValueError (PipelineConfigError for the layout)
+    naming the field and the fix."""
+    kv_sharing.validate(
+        config.num_layers,
+        config.num_attention_heads,
+        config.num_query_groups,
+        config.tensor_model_parallel_size,
+        rotary_percent=rotary_percent,
+    )
+    if not config.hetereogenous_dist_checkpoint:
+        # Top layers differ in shape from bottom layers, so checkpoints need per-layer keys
+        # ("decoder.layers.<global index>.…") rather than keys stacked over layers.
+        raise ValueError(
+            "build_model needs TransformerConfig.hetereogenous_dist_checkpoint=True (got False): "
+            "KV-sharing top layers differ in shape from the layers below, so checkpoints keep "
+            "one key per layer; build the config with qwen3_config (which sets it) or set it"
+        )
+    check_pipeline_config(config, kv_sharing)
 
 
 def build_model(
@@ -75,15 +116,10 @@ def build_model(
     at any TP/PP/VPP layout (`initialization.reset_parameters`); without it Megatron's own
     initialisation stands, which depends on the layout.
     Applies the Megatron patches (`fusedkv_megatron.compat.apply()`) if no entry point has.
+    Checks `config` (`check_model_config`) and never changes it: build it with `qwen3_config`.
     """
     compat.apply()
-    kv_sharing.validate(
-        config.num_layers,
-        config.num_attention_heads,
-        config.num_query_groups,
-        config.tensor_model_parallel_size,
-        rotary_percent=rotary_percent,
-    )
+    check_model_config(config, kv_sharing, rotary_percent=rotary_percent)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(
             ignore_virtual=False, vp_stage=vp_stage
@@ -92,11 +128,6 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage(
             ignore_virtual=False, vp_stage=vp_stage
         )
-    # Top layers differ in shape from bottom layers, so checkpoints need per-layer keys
-    # ("decoder.layers.<global index>.…") rather than keys stacked over layers.
-    config.hetereogenous_dist_checkpoint = True
-    # Pipeline stages: check the layout, set the p2p fields the schedules need (pipeline.py).
-    prepare_pipeline_config(config, kv_sharing)
     spec = get_fusedkv_decoder_block_spec(
         config,
         kv_sharing,

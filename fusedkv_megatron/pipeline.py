@@ -16,7 +16,8 @@ Everything that knows this layout is `SourcePayload`, so the routing can move to
 multi-tensor pipeline payload (Megatron-LM issue 7565) by changing this module only.
 
 For the trainer:
-    build_model(...)                          stage models, ready (calls prepare_pipeline_config)
+    qwen3_config(..., kv_sharing=kv)          a config with the p2p fields the layout needs
+    build_model(...)                          stage models (checks them: check_pipeline_config)
     pipeline_schedule_kwargs(config, kv, ...) extra arguments of get_forward_backward_func()(...)
     boundary_bytes(config, kv, ...)           what each boundary carries, to log at start-up
 """
@@ -224,34 +225,61 @@ def pipeline_chunks(config: TransformerConfig) -> list[Chunk]:
 # --- schedule -------------------------------------------------------------------------------
 
 
-def prepare_pipeline_config(config: TransformerConfig, kv: KVSharingConfig) -> TransformerConfig:
-    """Check the pipeline layout and set the p2p fields the schedules need (in place; idempotent).
+def pipeline_p2p_fields(
+    pipeline_model_parallel_size: int,
+    virtual_pipeline_model_parallel_size: int | None,
+    kv: KVSharingConfig | None = None,
+) -> dict:
+    """The TransformerConfig p2p fields a layout needs (`qwen3_config` sets them; empty unless
+    interleaved).
 
     Interleaved (VPP): stages send tensors of different widths, which that schedule only
-    supports through `variable_seq_lengths=True`; and the default p2p settings
+    supports through `variable_seq_lengths=True` (needed when `kv` shares K/V; with `kv` unknown
+    it is asked for anyway: it only adds a shape exchange); and the default p2p settings
     (batch_p2p_comm=True, overlap_p2p_comm=False) silently swap activations and gradients at
     PP=2 (Megatron-LM issue 1450), so VPP always runs with batch_p2p_comm=False,
     overlap_p2p_comm=True, the setting Megatron-LM's own trainer defaults to.
     """
+    if pipeline_model_parallel_size == 1 or virtual_pipeline_model_parallel_size is None:
+        return {}
+    fields = {"batch_p2p_comm": False, "overlap_p2p_comm": True}
+    if kv is None or kv.shares_kv:
+        fields["variable_seq_lengths"] = True
+        # TransformerConfig refuses variable_seq_lengths with its default MoE token dispatcher
+        # ("allgather") even in a model without experts; a dense model never reads the field.
+        fields["moe_token_dispatcher_type"] = "alltoall"
+    return fields
+
+
+def check_pipeline_config(config: TransformerConfig, kv: KVSharingConfig) -> None:
+    """Check the pipeline layout and the p2p fields the schedules need; never changes `config`.
+
+    Raises PipelineConfigError naming the field and the fix.
+    """
     if config.pipeline_model_parallel_size == 1:
-        return config
+        return
     pipeline_chunks(config)
-    if config.virtual_pipeline_model_parallel_size is None:
+    vpp = config.virtual_pipeline_model_parallel_size
+    if vpp is None:
         if config.overlap_p2p_comm:
             raise PipelineConfigError(
                 "overlap_p2p_comm=True needs the interleaved schedule; set "
                 "virtual_pipeline_model_parallel_size or overlap_p2p_comm=False"
             )
-        return config
-    wanted = {"batch_p2p_comm": False, "overlap_p2p_comm": True}
-    if kv.shares_kv:
-        wanted["variable_seq_lengths"] = True
-    changed = {k: v for k, v in wanted.items() if getattr(config, k) != v}
-    for k, v in changed.items():
-        setattr(config, k, v)
-    if changed:
-        log.info("interleaved pipeline schedule: set %s (exact p2p; see pipeline.py)", changed)
-    return config
+        return
+    needed = pipeline_p2p_fields(config.pipeline_model_parallel_size, vpp, kv)
+    needed.pop("moe_token_dispatcher_type", None)  # only to get past TransformerConfig
+    wrong = {k: v for k, v in needed.items() if getattr(config, k) != v}
+    if wrong:
+        got = ", ".join(f"{k}={getattr(config, k)}" for k in wrong)
+        want = ", ".join(f"{k}={v}" for k, v in wrong.items())
+        raise PipelineConfigError(
+            f"the interleaved pipeline schedule (virtual_pipeline_model_parallel_size={vpp}) "
+            f"needs {want} in the TransformerConfig (got {got}): the stages exchange tensors "
+            "of different widths, and Megatron's default p2p settings swap activations and "
+            "gradients at this layout; build the config with qwen3_config(..., kv_sharing=kv), "
+            "which sets them, or set them yourself (pipeline_p2p_fields gives the values)"
+        )
 
 
 def _stage_payloads(
@@ -277,8 +305,8 @@ def check_layout(
 ) -> None:
     """The rules of the parallel layout that Megatron's schedules would break on less clearly:
     layers over (virtual) stages, the sequence over TP (sequence parallel) and CP ranks, the
-    interleaved schedule's microbatch count. Raises PipelineConfigError. Sets the p2p fields
-    the schedules need (`prepare_pipeline_config`)."""
+    interleaved schedule's microbatch count, the p2p fields the schedules need
+    (`check_pipeline_config`). Raises PipelineConfigError; never changes `config`."""
     tp, cp = config.tensor_model_parallel_size, config.context_parallel_size
     split = cp * (tp if config.sequence_parallel else 1)
     if seq_length % split:
@@ -292,7 +320,7 @@ def check_layout(
     pp = config.pipeline_model_parallel_size
     if pp == 1:
         return
-    prepare_pipeline_config(config, kv)
+    check_pipeline_config(config, kv)
     vp = config.virtual_pipeline_model_parallel_size
     if vp is not None and num_microbatches is not None:
         group = config.microbatch_group_size_per_vp_stage or pp
@@ -318,7 +346,7 @@ def pipeline_schedule_kwargs(
 
     1F1B: an `adjust_tensor_shapes_fn` widening the receive/send shapes by the sources that
     cross this rank's boundaries. Interleaved: nothing (shapes are exchanged, see
-    `prepare_pipeline_config`). Checks the layout first (`check_layout`).
+    `pipeline_p2p_fields`). Checks the layout first (`check_layout`).
     """
     check_layout(config, kv, seq_length=seq_length, num_microbatches=num_microbatches)
     if config.pipeline_model_parallel_size == 1 or config.virtual_pipeline_model_parallel_size:
@@ -419,8 +447,10 @@ __all__ = [
     "PipelineConfigError",
     "SourcePayload",
     "boundary_bytes",
+    "check_layout",
+    "check_pipeline_config",
     "mark_stage_edges",
     "pipeline_chunks",
+    "pipeline_p2p_fields",
     "pipeline_schedule_kwargs",
-    "prepare_pipeline_config",
 ]

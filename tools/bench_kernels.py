@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # compile_matrix
 
-from fusedkv_megatron.fusion import fuse  # noqa: E402
+from fusedkv_megatron.fusion import KVFusion, fuse  # noqa: E402
 from fusedkv_megatron.kernels.launch import KernelConfig  # noqa: E402
 from fusedkv_megatron.kernels.triton_attention import (  # noqa: E402
     GPU_CONFIGS,
@@ -117,7 +117,7 @@ def training_rows(
     # name: (forward, the leaves it differentiates)
     methods = {
         "fused": (
-            lambda: fused_reconstruction_attention(q, srcs[:2], ws[:2], srcs[2:], ws[2:]),
+            lambda: fused_reconstruction_attention(q, KVFusion(srcs[:2], ws[:2], srcs[2:], ws[2:])),
             [q, *srcs, *ws],
         ),
         "materialize": (
@@ -126,7 +126,9 @@ def training_rows(
         ),
         "vanilla": (lambda: _sdpa(q, srcs[0], srcs[2]), [q, srcs[0], srcs[2]]),
         "lite-fused": (
-            lambda: fused_reconstruction_attention(q, srcs[1:2], [None], srcs[2:3], [None]),
+            lambda: fused_reconstruction_attention(
+                q, KVFusion(srcs[1:2], [None], srcs[2:3], [None])
+            ),
             [q, srcs[1], srcs[2]],
         ),
     }
@@ -180,11 +182,15 @@ def decode_rows(
 
     methods = {
         "fused": (
-            lambda: fused_reconstruction_decode(q, caches[:2], ws[:2], caches[2:], ws[2:]),
+            lambda: fused_reconstruction_decode(
+                q, KVFusion(caches[:2], ws[:2], caches[2:], ws[2:])
+            ),
             caches,
         ),
         "lite-fused": (
-            lambda: fused_reconstruction_decode(q, caches[1:2], [None], caches[2:3], [None]),
+            lambda: fused_reconstruction_decode(
+                q, KVFusion(caches[1:2], [None], caches[2:3], [None])
+            ),
             caches[1:3],
         ),
         "materialize": (lambda: sdpa(fuse(caches[:2], ws[:2]), fuse(caches[2:], ws[2:])), caches),

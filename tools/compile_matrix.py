@@ -44,6 +44,7 @@ import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fusedkv_megatron.fusion import KVFusion  # noqa: E402
 from fusedkv_megatron.kernels import HEAD_DIMS  # noqa: E402
 from fusedkv_megatron.kernels import triton_attention as ta  # noqa: E402
 from fusedkv_megatron.kernels import triton_decode as td  # noqa: E402
@@ -112,7 +113,7 @@ def _call(case: Case) -> None:
         ks = [torch.zeros(s, b, hk, d, dtype=dtype, requires_grad=True) for _ in range(n)]
         vs = [torch.zeros(s, b, hk, d, dtype=dtype, requires_grad=True) for _ in range(n)]
         ws = [_weights(weight, hk, d, torch.float32) for _ in range(2 * n)]
-        out = ta.fused_reconstruction_attention(q, ks, ws[:n], vs, ws[n:])
+        out = ta.fused_reconstruction_attention(q, KVFusion(ks, ws[:n], vs, ws[n:]))
         out.backward(torch.zeros_like(out))
     else:
         S = 256 if case.aligned else 250
@@ -120,7 +121,7 @@ def _call(case: Case) -> None:
         caches = [torch.zeros(b, S, hk, d, dtype=dtype) for _ in range(2 * n)]
         ws = [_weights(weight, hk, d, torch.float32) for _ in range(2 * n)]
         td.fused_reconstruction_decode(
-            q, caches[:n], ws[:n], caches[n:], ws[n:], causal=case.causal, num_splits=4
+            q, KVFusion(caches[:n], ws[:n], caches[n:], ws[n:]), causal=case.causal, num_splits=4
         )
 
 

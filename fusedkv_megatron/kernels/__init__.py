@@ -1,9 +1,9 @@
 """Attention kernels for KV-sharing layers, and the choice between Triton and PyTorch.
 
-- `reconstruction_attention`: causal training/prefill attention of a reconstruction layer,
-  with K = sum wk_i * K_i and V = sum wv_i * V_i fused on chip (Triton, forward + backward) or
+- `reconstruction_attention(q, kv)`: causal training/prefill attention of a reconstruction
+  layer, with `kv` (a `KVFusion`) giving K = sum wk_i * K_i and V = sum wv_i * V_i, fused on chip (Triton, forward + backward) or
   materialized then SDPA (PyTorch reference).
-- `reconstruction_decode`: flash-decoding of a few query tokens against source caches.
+- `reconstruction_decode(q, kv)`: flash-decoding of a few query tokens against source caches.
 
 Backend choice: `FUSEDKV_ATTENTION_BACKEND=auto|triton|torch` (or an explicit `backend=`
 argument, which wins). `auto` runs Triton on CUDA tensors and PyTorch elsewhere; `triton` on
@@ -20,6 +20,7 @@ import os
 
 from torch import Tensor
 
+from ..fusion import KVFusion
 from .reference import reconstruction_attention_reference, reconstruction_decode_reference
 
 BACKEND_ENV = "FUSEDKV_ATTENTION_BACKEND"
@@ -70,50 +71,33 @@ def use_triton(x: Tensor, backend: str | None = None) -> bool:
 
 
 def reconstruction_attention(
-    q: Tensor,
-    k_sources: list[Tensor],
-    k_weights: list[Tensor | None],
-    v_sources: list[Tensor],
-    v_weights: list[Tensor | None],
-    softmax_scale: float | None = None,
-    backend: str | None = None,
+    q: Tensor, kv: KVFusion, softmax_scale: float | None = None, backend: str | None = None
 ) -> Tensor:
-    """Causal attention of q `[s, b, hq, d]` over K = sum_i wk_i * K_i, V = sum_i wv_i * V_i
-    (sources `[s, b, hkv, d]`, weights `[hkv or 1, d]` or None). Returns `[s, b, hq, d]`;
-    differentiable in q, every source and every weight."""
+    """Causal attention of q `[s, b, hq, d]` over `kv`'s K = sum_i wk_i * K_i,
+    V = sum_i wv_i * V_i (sources `[s, b, hkv, d]`, weights `[hkv or 1, d]` or None). Returns
+    `[s, b, hq, d]`; differentiable in q, every source and every weight."""
     if use_triton(q, backend):
         from .triton_attention import fused_reconstruction_attention
 
-        return fused_reconstruction_attention(
-            q, k_sources, k_weights, v_sources, v_weights, softmax_scale
-        )
-    return reconstruction_attention_reference(
-        q, k_sources, k_weights, v_sources, v_weights, softmax_scale
-    )
+        return fused_reconstruction_attention(q, kv, softmax_scale)
+    return reconstruction_attention_reference(q, kv, softmax_scale)
 
 
 def reconstruction_decode(
     q: Tensor,
-    k_sources: list[Tensor],
-    k_weights: list[Tensor | None],
-    v_sources: list[Tensor],
-    v_weights: list[Tensor | None],
+    kv: KVFusion,
     softmax_scale: float | None = None,
     causal: bool = True,
     num_splits: int | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """Decode: q `[b, t, hq, d]` (the last t positions) against source caches `[b, S, hkv, d]`
-    that already hold them. Returns `[b, t, hq, d]` (forward only)."""
+    """Decode: q `[b, t, hq, d]` (the last t positions) against `kv`'s source caches
+    `[b, S, hkv, d]` that already hold them. Returns `[b, t, hq, d]` (forward only)."""
     if use_triton(q, backend):
         from .triton_decode import fused_reconstruction_decode
 
-        return fused_reconstruction_decode(
-            q, k_sources, k_weights, v_sources, v_weights, softmax_scale, causal, num_splits
-        )
-    return reconstruction_decode_reference(
-        q, k_sources, k_weights, v_sources, v_weights, softmax_scale, causal
-    )
+        return fused_reconstruction_decode(q, kv, softmax_scale, causal, num_splits)
+    return reconstruction_decode_reference(q, kv, softmax_scale, causal)
 
 
 def head_dim_supported(head_dim: int) -> bool:
@@ -125,6 +109,7 @@ __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
     "HEAD_DIMS",
+    "KVFusion",
     "head_dim_supported",
     "reconstruction_attention",
     "reconstruction_attention_reference",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..fusion import fuse
+from ..fusion import KVFusion
 
 
 def sdpa_bshd(
@@ -38,20 +38,15 @@ def sdpa_bshd(
 
 
 def reconstruction_attention_reference(
-    q: Tensor,
-    k_sources: list[Tensor],
-    k_weights: list[Tensor | None],
-    v_sources: list[Tensor],
-    v_weights: list[Tensor | None],
-    softmax_scale: float | None = None,
+    q: Tensor, kv: KVFusion, softmax_scale: float | None = None
 ) -> Tensor:
-    """Causal attention of `q` `[s, b, hq, d]` over K = sum_i wk_i * K_i and
+    """Causal attention of `q` `[s, b, hq, d]` over `kv`'s K = sum_i wk_i * K_i and
     V = sum_i wv_i * V_i (sources `[s, b, hkv, d]`, weights `[hkv or 1, d]` or None).
 
     Returns `[s, b, hq, d]`. Gradients reach q, every source and every weight via autograd.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    key, value = fuse(k_sources, k_weights), fuse(v_sources, v_weights)
+    key, value = kv.key, kv.value
     out = sdpa_bshd(q.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), scale, True)
     return out.transpose(0, 1)
 
@@ -63,20 +58,14 @@ def decode_mask(num_queries: int, cache_len: int, device: torch.device) -> Tenso
 
 
 def reconstruction_decode_reference(
-    q: Tensor,
-    k_sources: list[Tensor],
-    k_weights: list[Tensor | None],
-    v_sources: list[Tensor],
-    v_weights: list[Tensor | None],
-    softmax_scale: float | None = None,
-    causal: bool = True,
+    q: Tensor, kv: KVFusion, softmax_scale: float | None = None, causal: bool = True
 ) -> Tensor:
-    """Decode attention: `q` `[b, t, hq, d]` (the last t positions) against source caches
-    `[b, S, hkv, d]` that already hold those positions. Returns `[b, t, hq, d]`.
+    """Decode attention: `q` `[b, t, hq, d]` (the last t positions) against `kv`'s source
+    caches `[b, S, hkv, d]` that already hold those positions. Returns `[b, t, hq, d]`.
 
     `causal`: query i sees cache positions <= S - t + i (no effect for t = 1)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    key, value = fuse(k_sources, k_weights), fuse(v_sources, v_weights)
+    key, value = kv.key, kv.value
     mask = decode_mask(q.shape[1], key.shape[1], q.device) if causal else None
     return sdpa_bshd(q, key, value, scale, False, attn_mask=mask)
 

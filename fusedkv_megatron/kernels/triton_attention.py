@@ -13,6 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..fusion import KVFusion
 from .launch import KernelConfig, launch, pick
 from .triton_attention_kernels import _delta_kernel, _dkdv_kernel, _dq_kernel, _fwd_kernel
 from .triton_common import (
@@ -211,21 +212,16 @@ class FusedKVAttentionFunction(torch.autograd.Function):
 
 
 def fused_reconstruction_attention(
-    q: Tensor,
-    k_sources: list[Tensor],
-    k_weights: list[Tensor | None],
-    v_sources: list[Tensor],
-    v_weights: list[Tensor | None],
-    softmax_scale: float | None = None,
+    q: Tensor, kv: KVFusion, softmax_scale: float | None = None
 ) -> Tensor:
     """Causal attention of q `[s, b, hq, d]` over the fused sources, without materializing K
     or V. Same contract as `reference.reconstruction_attention_reference`."""
-    check_sources(q, k_sources, v_sources)
+    check_sources(q, kv.k_sources, kv.v_sources)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    k1, k2 = pad2(k_sources)
-    v1, v2 = pad2(v_sources)
-    wk1, wk2 = pad2(k_weights)
-    wv1, wv2 = pad2(v_weights)
+    k1, k2 = pad2(kv.k_sources)
+    v1, v2 = pad2(kv.v_sources)
+    wk1, wk2 = pad2(kv.k_weights)
+    wv1, wv2 = pad2(kv.v_weights)
     return FusedKVAttentionFunction.apply(q, scale, k1, k2, v1, v2, wk1, wk2, wv1, wv2)
 
 

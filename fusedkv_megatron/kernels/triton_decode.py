@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..fusion import KVFusion
 from .launch import KernelConfig, launch, pick, recorded
 from .triton_common import (
     LOG2E,
@@ -177,10 +178,7 @@ def default_num_splits(
 
 def fused_reconstruction_decode(
     q: Tensor,
-    k_sources: list[Tensor],
-    k_weights: list[Tensor | None],
-    v_sources: list[Tensor],
-    v_weights: list[Tensor | None],
+    kv: KVFusion,
     softmax_scale: float | None = None,
     causal: bool = True,
     num_splits: int | None = None,
@@ -188,6 +186,7 @@ def fused_reconstruction_decode(
     """Flash-decoding of q `[b, t, hq, d]` against fused source caches `[b, S, hkv, d]`.
     Same contract as `reference.reconstruction_decode_reference` (forward only). More than
     MAX_ROWS query rows per KV head (GROUP * t) run as several launches over chunks of t."""
+    k_sources, v_sources = kv.k_sources, kv.v_sources
     check_sources(q, k_sources, v_sources)
     b, t, hq, d = q.shape
     _, S, hk, _ = k_sources[0].shape
@@ -203,7 +202,7 @@ def fused_reconstruction_decode(
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     check_int32_offsets(0, q=q, cache=srcs[0], out=out)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    w, flags = pack_weights(pad2(k_weights) + pad2(v_weights), hk, d, q)
+    w, flags = pack_weights(pad2(kv.k_weights) + pad2(kv.v_weights), hk, d, q)
     group = hq // hk
     flags.update(
         K2_ON=nk == 2, V2_ON=nv == 2, GROUP=group, D=d, DP=padded_head_dim(d), CAUSAL=causal

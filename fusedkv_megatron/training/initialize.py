@@ -107,7 +107,7 @@ def kv_sharing_config(args) -> KVSharingConfig:
     return kv
 
 
-def transformer_config(args):
+def transformer_config(args, kv=None):
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     overrides = dict(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -138,6 +138,7 @@ def transformer_config(args):
         num_query_groups=args.num_query_groups,
         ffn_hidden_size=args.ffn_hidden_size,
         kv_channels=args.kv_channels,
+        kv_sharing=kv if kv is not None else kv_sharing_config(args),
         **overrides,
     )
 
@@ -235,7 +236,7 @@ def setup(args) -> Runtime:
     )
     kv = kv_sharing_config(args)
     try:
-        config = transformer_config(args)
+        config = transformer_config(args, kv)
     except ValueError as e:  # Megatron's TransformerConfig checks, e.g. head counts vs TP
         raise ArgumentError(f"the model configuration is invalid: {e}") from None
     # The layout's rules, before anything is built (the library owns them).

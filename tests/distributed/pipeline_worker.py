@@ -192,7 +192,7 @@ def run_case(case: dict, ref: dict) -> dict:
         config, kv, seq_length=SEQ, num_microbatches=MICROBATCHES
     )
     if case.get("upstream_p2p_defaults"):
-        # Negative control: Megatron's defaults, which build_model replaces for VPP.
+        # Negative control: Megatron's defaults, which qwen3_config replaces for VPP.
         config.batch_p2p_comm, config.overlap_p2p_comm = True, False
     modules = chunks
     if case.get("ddp"):

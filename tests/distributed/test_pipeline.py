@@ -61,7 +61,7 @@ FOUR_PROCESSES = [
     case("pp4-recompute", "yoco", 4, recompute="uniform"),
     case("tp2-sp-pp2-ddp-tied", "fusedkv", 2, tp=2, sp=True, ddp=True, tied=True),
 ]
-# Negative control: Megatron's default p2p settings under VPP at PP=2 (which build_model
+# Negative control: Megatron's default p2p settings under VPP at PP=2 (which qwen3_config
 # replaces) really do corrupt gradients, so the interleaved cases above guard the fix.
 CONTROL = dict(
     case("pp2-vpp2-upstream-p2p-defaults", "vanilla", 2, vpp=2), upstream_p2p_defaults=True

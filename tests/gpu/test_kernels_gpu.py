@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fusedkv_megatron.fusion import KVFusion
 from fusedkv_megatron.kernels.reference import (
     decode_mask,
     reconstruction_attention_reference,
@@ -92,13 +93,13 @@ def test_fused_attention_gpu(case):
     for name, to in (("kernel", None), ("low", None), ("truth", torch.float32)):
         q, ks, kw, vs, vw = _leaves(*base, dtype=to)
         if name == "kernel":
-            out = fused_reconstruction_attention(q, ks, kw, vs, vw)
+            out = fused_reconstruction_attention(q, KVFusion(ks, kw, vs, vw))
         elif name == "low":
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-                out = reconstruction_attention_reference(q, ks, kw, vs, vw)
+                out = reconstruction_attention_reference(q, KVFusion(ks, kw, vs, vw))
         else:
             with sdpa_kernel([SDPBackend.MATH]):
-                out = reconstruction_attention_reference(q, ks, kw, vs, vw)
+                out = reconstruction_attention_reference(q, KVFusion(ks, kw, vs, vw))
         leaves = [q, *ks, *vs, *[w for w in kw + vw if w is not None]]
         grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
         runs[name] = [out.detach(), *grads]
@@ -166,10 +167,10 @@ def test_decode_gpu(case):
     if hf:
         ks, vs = [x.transpose(1, 2) for x in ks], [x.transpose(1, 2) for x in vs]
     with torch.no_grad():
-        got = fused_reconstruction_decode(q, ks, kw, vs, vw)
+        got = fused_reconstruction_decode(q, KVFusion(ks, kw, vs, vw))
         up = [x.float() for x in (q, *ks, *vs)]
         truth = reconstruction_decode_reference(
-            up[0], up[1 : 1 + len(ks)], kw, up[1 + len(ks) :], vw
+            up[0], KVFusion(up[1 : 1 + len(ks)], kw, up[1 + len(ks) :], vw)
         )
         key, value = fuse(up[1 : 1 + len(ks)], kw), fuse(up[1 + len(ks) :], vw)
         bound = decode_bound(q, key, value, d**-0.5)

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from fusedkv_megatron import kernels
+from fusedkv_megatron.fusion import KVFusion
 from fusedkv_megatron.kernels.reference import (
     reconstruction_attention_reference,
     reconstruction_decode_reference,
@@ -160,8 +161,8 @@ def test_fused_attention_matches_reference(interpreter_results, case):
 def check_training(case: str) -> None:
     s, b, hq, hk, d, k_terms, v_terms, strided = TRAIN_CASES[case]
     q, ks, kw, vs, vw = _inputs(s, b, hq, hk, d, k_terms, v_terms, strided=strided)
-    out = kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
-    ref = reconstruction_attention_reference(q, ks, kw, vs, vw)
+    out = kernels.reconstruction_attention(q, KVFusion(ks, kw, vs, vw), backend="triton")
+    ref = reconstruction_attention_reference(q, KVFusion(ks, kw, vs, vw))
     torch.testing.assert_close(out, ref, **TOL)
 
     leaves = [q, *ks, *vs, *[w for w in kw + vw if w is not None]]
@@ -194,8 +195,8 @@ def check_tied_key_weights(d: int) -> None:
     halves = [torch.randn(2, d // 2, generator=g).requires_grad_(True) for _ in ks]
     results = []
     for fn in (
-        lambda kw: kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton"),
-        lambda kw: reconstruction_attention_reference(q, ks, kw, vs, vw),
+        lambda kw: kernels.reconstruction_attention(q, KVFusion(ks, kw, vs, vw), backend="triton"),
+        lambda kw: reconstruction_attention_reference(q, KVFusion(ks, kw, vs, vw)),
     ):
         out = fn([expand_key_weight(w, rotary_interleaved=False) for w in halves])
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
@@ -212,8 +213,10 @@ def test_fused_attention_custom_scale(interpreter_results):
 
 def check_custom_scale() -> None:
     q, ks, kw, vs, vw = _inputs(20, 1, 2, 1, 16, "w", "-")
-    out = kernels.reconstruction_attention(q, ks, kw, vs, vw, softmax_scale=0.3, backend="triton")
-    ref = reconstruction_attention_reference(q, ks, kw, vs, vw, softmax_scale=0.3)
+    out = kernels.reconstruction_attention(
+        q, KVFusion(ks, kw, vs, vw), softmax_scale=0.3, backend="triton"
+    )
+    ref = reconstruction_attention_reference(q, KVFusion(ks, kw, vs, vw), softmax_scale=0.3)
     torch.testing.assert_close(out, ref, **TOL)
 
 
@@ -260,9 +263,9 @@ def check_decode(case: str) -> None:
     q, ks, kw, vs, vw = _decode_inputs(b, t, hq, hk, d, S, k_terms, v_terms, hf)
     with torch.no_grad():
         out = kernels.reconstruction_decode(
-            q, ks, kw, vs, vw, causal=causal, num_splits=splits, backend="triton"
+            q, KVFusion(ks, kw, vs, vw), causal=causal, num_splits=splits, backend="triton"
         )
-        ref = reconstruction_decode_reference(q, ks, kw, vs, vw, causal=causal)
+        ref = reconstruction_decode_reference(q, KVFusion(ks, kw, vs, vw), causal=causal)
     torch.testing.assert_close(out, ref, **TOL)
 
 
@@ -270,9 +273,9 @@ def test_decode_last_row_equals_training_attention():
     """The decode reference with t = S is causal attention (the two references agree)."""
     q, ks, kw, vs, vw = _decode_inputs(2, 9, 4, 2, 16, 9, "ww", "w", False)
     with torch.no_grad():
-        dec = reconstruction_decode_reference(q, ks, kw, vs, vw)
+        dec = reconstruction_decode_reference(q, KVFusion(ks, kw, vs, vw))
         sb = [x.transpose(0, 1) for x in (q, *ks, *vs)]
-        train = reconstruction_attention_reference(sb[0], sb[1:3], kw, sb[3:], vw)
+        train = reconstruction_attention_reference(sb[0], KVFusion(sb[1:3], kw, sb[3:], vw))
     torch.testing.assert_close(dec, train.transpose(0, 1), rtol=1e-6, atol=1e-6)
 
 
@@ -307,14 +310,14 @@ def test_kernel_rejects_unsupported_shapes(interpreter_results):
 def check_rejects_unsupported() -> None:
     q, ks, kw, vs, vw = _inputs(8, 1, 3, 2, 16, "w", "w")
     with pytest.raises(ValueError, match="multiple of the KV heads"):
-        kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
+        kernels.reconstruction_attention(q, KVFusion(ks, kw, vs, vw), backend="triton")
     q, ks, kw, vs, vw = _inputs(8, 1, 2, 1, 16, "www", "w")
     with pytest.raises(ValueError, match="1 or 2 key and value sources"):
-        kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
+        kernels.reconstruction_attention(q, KVFusion(ks, kw, vs, vw), backend="triton")
     for bad in (24, 272):
         q, ks, kw, vs, vw = _inputs(8, 1, 2, 1, bad, "w", "w")
         with pytest.raises(ValueError, match=f"head_dim={bad} .*multiple of 16 up to 256"):
-            kernels.reconstruction_attention(q, ks, kw, vs, vw, backend="triton")
+            kernels.reconstruction_attention(q, KVFusion(ks, kw, vs, vw), backend="triton")
 
 
 def _layer(head_dim: int = 128, **config):
@@ -443,7 +446,7 @@ def test_gpu_decode_bound_holds_for_the_kernels_roundings():
     srcs = [torch.randn(b, S, hk, d, generator=g).bfloat16().float() for _ in range(4)]
     ws = [torch.randn(hk, d, generator=g) for _ in range(4)]
     key, value = fuse(srcs[:2], ws[:2]), fuse(srcs[2:], ws[2:])
-    truth = reconstruction_decode_reference(q.float(), srcs[:2], ws[:2], srcs[2:], ws[2:])
+    truth = reconstruction_decode_reference(q.float(), KVFusion(srcs[:2], ws[:2], srcs[2:], ws[2:]))
     kh, vh = (x.bfloat16().float().repeat_interleave(2, 2).transpose(1, 2) for x in (key, value))
     scores = q.float().transpose(1, 2) @ kh.transpose(-1, -2) * d**-0.5
     scores = scores.masked_fill(~decode_mask(t, S, q.device), float("-inf"))
@@ -451,7 +454,9 @@ def test_gpu_decode_bound_holds_for_the_kernels_roundings():
     simulated = ((e.bfloat16().float() @ vh) / e.sum(-1, keepdim=True)).bfloat16().float()
     bound = decode_bound(q, key, value, d**-0.5)
     assert ((simulated.transpose(1, 2) - truth).abs() / bound).max() < 0.25
-    wrong = reconstruction_decode_reference(q.float(), srcs[:2], [ws[0], None], srcs[2:], ws[2:])
+    wrong = reconstruction_decode_reference(
+        q.float(), KVFusion(srcs[:2], [ws[0], None], srcs[2:], ws[2:])
+    )
     assert ((wrong - truth).abs() / bound).max() > 1.5
 
 

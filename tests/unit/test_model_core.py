@@ -113,6 +113,20 @@ def test_shared_fusion_weights_count(megatron_tp1):
     assert sum(s.numel() for s in fusion.values()) == 3 * L * HEAD_DIM // 2
 
 
+def test_build_model_checks_its_config_and_never_changes_it(megatron_tp1):
+    from fusedkv_megatron import build_model
+    from tests.tiny import tiny_config
+
+    config = tiny_config("fusedkv", hetereogenous_dist_checkpoint=False)
+    with pytest.raises(ValueError, match=r"hetereogenous_dist_checkpoint=True .* qwen3_config"):
+        build_model(config, KVSharingConfig("fusedkv"), 64, 8)
+    assert config.hetereogenous_dist_checkpoint is False
+    fine = tiny_config("fusedkv")
+    before = dict(vars(fine))
+    build_model(fine, KVSharingConfig("fusedkv"), 64, 8)
+    assert dict(vars(fine)) == before
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kv_cache_is_half_of_vanilla(variant):
     vanilla = kv_cache_bytes_per_token(KVSharingConfig("vanilla"), 24, 8, 128)

@@ -13,9 +13,9 @@ from fusedkv_megatron.pipeline import (
     PipelineConfigError,
     SourcePayload,
     boundary_bytes,
+    check_pipeline_config,
     pipeline_chunks,
     pipeline_schedule_kwargs,
-    prepare_pipeline_config,
 )
 
 MiB = 1 << 20
@@ -145,10 +145,28 @@ def test_1f1b_shapes_widen_by_the_sources_of_each_boundary():
 
 
 def test_interleaved_schedule_gets_exact_p2p_settings():
-    config = _cfg(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
-    assert config.batch_p2p_comm and not config.overlap_p2p_comm  # Megatron's defaults
-    prepare_pipeline_config(config, KVSharingConfig("fusedkv"))
+    fusedkv, vanilla = KVSharingConfig("fusedkv"), KVSharingConfig("vanilla")
+    vpp = dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    config = _cfg(kv_sharing=fusedkv, **vpp)
+    # qwen3_config sets what the interleaved schedule needs (Megatron's defaults are the
+    # opposite: batch_p2p_comm=True, overlap_p2p_comm=False, variable_seq_lengths=False) ...
     assert not config.batch_p2p_comm and config.overlap_p2p_comm and config.variable_seq_lengths
+    assert config.hetereogenous_dist_checkpoint
+    # ... only the fields the variant needs: vanilla sends one width, no shape exchange.
+    plain = _cfg(kv_sharing=vanilla, **vpp)
+    assert not plain.batch_p2p_comm and plain.overlap_p2p_comm and not plain.variable_seq_lengths
+    check_pipeline_config(plain, vanilla)
+    with pytest.raises(PipelineConfigError, match="variable_seq_lengths=True"):
+        check_pipeline_config(plain, fusedkv)
+    # Checking never changes the config; Megatron's defaults are refused with the fix.
+    upstream = _cfg(batch_p2p_comm=True, overlap_p2p_comm=False, **vpp)
+    with pytest.raises(PipelineConfigError) as err:
+        check_pipeline_config(upstream, fusedkv)
+    msg = str(err.value)
+    assert "batch_p2p_comm=False, overlap_p2p_comm=True" in msg and "qwen3_config" in msg, msg
+    assert upstream.batch_p2p_comm and not upstream.overlap_p2p_comm
+    # Without PP nothing is asked for.
+    assert not _cfg().variable_seq_lengths and _cfg().batch_p2p_comm
     assert (
         pipeline_schedule_kwargs(
             config, KVSharingConfig("fusedkv"), seq_length=8, num_microbatches=4
@@ -181,7 +199,7 @@ def test_interleaved_schedule_gets_exact_p2p_settings():
 def test_impossible_layouts_have_clear_errors(config_kw, words):
     config = _cfg(**config_kw)
     with pytest.raises(PipelineConfigError) as err:
-        prepare_pipeline_config(config, KVSharingConfig("fusedkv"))
+        check_pipeline_config(config, KVSharingConfig("fusedkv"))
     for word in words:
         assert word in str(err.value), str(err.value)
 
@@ -196,7 +214,7 @@ def test_schedule_errors_name_value_and_fix():
         pipeline_schedule_kwargs(sp, kv, seq_length=9, pp_rank=0)
     overlap = _cfg(pipeline_model_parallel_size=2, overlap_p2p_comm=True, batch_p2p_comm=False)
     with pytest.raises(PipelineConfigError, match="overlap_p2p_comm=True needs the interleaved"):
-        prepare_pipeline_config(overlap, kv)
+        check_pipeline_config(overlap, kv)
 
 
 def test_chunks_cover_every_layer_once_with_uneven_stages():

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from fusedkv_megatron.data.preprocess_cli import preprocess_main
 from fusedkv_megatron.data import preprocess
+from fusedkv_megatron.data.preprocess_cli import preprocess_main
 
 
 @pytest.fixture
