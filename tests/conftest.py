@@ -146,6 +146,28 @@ def free_dead_ddp_models() -> None:
     gc.collect()
 
 
+SLURM_CLOCK_TESTS = "tests/slurm/test_slurm_cluster.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The SLURM time-limit tests go last: their job (submitted by `_submit_slurm_job_early`
+    when the session starts) spends minutes waiting for SLURM's signal, which the rest of the
+    suite overlaps."""
+    late = [item for item in items if item.nodeid.startswith(SLURM_CLOCK_TESTS)]
+    if late:
+        items[:] = [item for item in items if item not in late] + late
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _submit_slurm_job_early(request, tmp_path_factory):
+    if not any(item.nodeid.startswith(SLURM_CLOCK_TESTS) for item in request.session.items):
+        return
+    from tests.slurm import test_slurm_cluster as clock
+
+    if clock._slurm_problem() is None:  # otherwise the tests skip or fail with the reason
+        clock.EARLY_JOB = clock.submit_time_limited_job(tmp_path_factory.getbasetemp())
+
+
 def pytest_runtest_logfinish(nodeid, location):
     """After a test (pytest drops its fixture values only after teardown), free what still
     holds destroyed process groups when threads pile up."""

@@ -6,7 +6,9 @@ SLURM sends the signal within 60 s before `grace` seconds ahead of the end time 
 be sent up to 60 seconds earlier than specified"), so the first start gets it 60-120 s in. The
 first start runs paced (tests/slurm/paced_pretrain.py: 6 s per iteration) so it is still
 training then on any machine; the later starts run at full speed and finish well inside their
-own 60 s before the next signal. The whole test takes about 4 minutes.
+own 60 s before the next signal. The job takes about 4 minutes, mostly waiting for its signal:
+tests/conftest.py submits it when the session starts and runs these tests last, so the wait
+overlaps the rest of the suite.
 
 Needs a reachable controller (`bash tools/slurm_local.sh start` makes a one-node cluster on this
 machine); skipped without one, unless FUSEDKV_REQUIRE_SLURM=1 (CI), where that is a failure.
@@ -81,23 +83,16 @@ def _wait_for(predicate, timeout: float, what: str, log: Path):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; log tail:\n{tail}")
 
 
-@pytest.fixture(scope="module")
-def time_limited_run(tmp_path_factory):
-    """Submit the tiny preset with a short time limit and wait until the job is over; every
-    signal it gets comes from SLURM."""
-    problem = _slurm_problem()
-    if problem:
-        if os.environ.get("FUSEDKV_REQUIRE_SLURM") == "1":
-            pytest.fail(f"FUSEDKV_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(f"{problem}; start a local cluster with: bash tools/slurm_local.sh start")
-
+def submit_time_limited_job(basetemp: Path) -> dict:
+    """Submit the tiny preset with a short time limit; returns the job's id and paths. Called
+    at the start of the session by tests/conftest.py (so the job's minutes of waiting for its
+    signal overlap the other tests) or by `time_limited_run` when that did not happen."""
     from fusedkv_megatron.data.datasets import prepare_default_data
 
     # the embedded corpus, shared with the trainer tests of the same session
-    data = prepare_default_data(
-        str(tmp_path_factory.getbasetemp() / "trainer_default_data"), vocab_size=2000
-    )
-    root = tmp_path_factory.mktemp("slurm")
+    data = prepare_default_data(str(basetemp / "trainer_default_data"), vocab_size=2000)
+    root = basetemp / "slurm"
+    root.mkdir(exist_ok=False)
     run_dir, log_dir = root / "run", root / "logs"
     # The tiny preset (2 gloo processes, DP=2) and config, with a smaller batch and sequence so
     # that 2 CPU cores train it in seconds.
@@ -115,10 +110,24 @@ def time_limited_run(tmp_path_factory):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=60)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
-    log = log_dir / f"fusedkv-slurm-test-{job_id}.out"
+    return dict(job_id=job_id, log=log_dir / f"fusedkv-slurm-test-{job_id}.out", run_dir=run_dir)
 
-    def log_text() -> str:
-        return log.read_text() if log.exists() else ""
+
+# Set by tests/conftest.py when it submitted the job at the start of the session.
+EARLY_JOB: dict | None = None
+
+
+@pytest.fixture(scope="module")
+def time_limited_run(tmp_path_factory):
+    """The job of `submit_time_limited_job` (submitted early when the session selected these
+    tests), waited for until it is over; every signal it gets comes from SLURM."""
+    problem = _slurm_problem()
+    if problem:
+        if os.environ.get("FUSEDKV_REQUIRE_SLURM") == "1":
+            pytest.fail(f"FUSEDKV_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(f"{problem}; start a local cluster with: bash tools/slurm_local.sh start")
+    job = EARLY_JOB or submit_time_limited_job(tmp_path_factory.getbasetemp())
+    job_id, log = job["job_id"], job["log"]
 
     def ended() -> dict[str, str] | None:
         info = _job(job_id)
@@ -129,7 +138,7 @@ def time_limited_run(tmp_path_factory):
     finally:
         if not ended():
             _run("scancel", job_id)
-    return dict(job_id=job_id, info=info, log=log.read_text(), run_dir=run_dir)
+    return dict(job_id=job_id, info=info, log=log.read_text(), run_dir=job["run_dir"])
 
 
 def _starts(log: str) -> list[str]:
