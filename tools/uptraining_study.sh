@@ -17,6 +17,10 @@
 #   UPTRAIN_SOURCE          an existing vanilla --save directory to start from instead of
 #                           pretraining one (e.g. runs/study/vanilla-s1234/checkpoints of
 #                           tools/variant_study.sh: the same model, flags and seed as here)
+#   UPTRAIN_DATA_DIR        the prepared corpus (default UPTRAIN_DIR/data); with UPTRAIN_SOURCE,
+#                           the directory that run was trained from (runs/study/data): two
+#                           preparations train tokenizers that encode the same text identically
+#                           but differ in bytes, and the data loader refuses a mismatch
 #   UPTRAIN_CASES           variant:init pairs (default: the list below; init "-" = none)
 #   UPTRAIN_NPROC           processes for torchrun (default 1)
 #   UPTRAIN_PYTHON          a Python with fusedkv_megatron installed (default: tools/env.sh's)
@@ -40,8 +44,9 @@ EVAL_ITERS=8  # x the global batch (16) = the validation samples of every number
 mkdir -p "$OUT"
 read -r -a EXTRA <<< "${UPTRAIN_EXTRA:-}"
 
-echo "[uptraining] data and tokenizer in $OUT/data"
-eval "$("$PY" -m fusedkv_megatron.data.datasets "$OUT/data")"
+DATA="${UPTRAIN_DATA_DIR:-$OUT/data}"
+echo "[uptraining] data and tokenizer in $DATA"
+eval "$("$PY" -m fusedkv_megatron.data.datasets "$DATA")"
 
 # The model of tools/variant_study.sh: examples/configs/tiny.yaml at 8 layers.
 MODEL=(
