@@ -81,8 +81,9 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-# Keep finished jobs visible to 'scontrol show job' for 10 minutes (no accounting database).
-MinJobAge=600
+# Keep finished jobs visible to 'scontrol show job' for an hour (no accounting database): the
+# test suite submits its time-limit job when it starts and reads the job's record at its end.
+MinJobAge=3600
 NodeName=$HOST CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -131,12 +131,18 @@ def time_limited_run(tmp_path_factory):
 
     def ended() -> dict[str, str] | None:
         info = _job(job_id)
+        if not info:  # the controller forgot the job (MinJobAge; no accounting database)
+            pytest.fail(
+                f"SLURM has no record of job {job_id} any more: it ended more than MinJobAge "
+                "seconds ago; restart the test cluster with tools/slurm_local.sh (MinJobAge=3600)"
+            )
         return info if info.get("JobState") in TERMINAL else None
 
     try:
         info = _wait_for(ended, 900, "the job to end (signal, checkpoint, requeue, finish)", log)
     finally:
-        if not ended():
+        state = _job(job_id).get("JobState")
+        if state is not None and state not in TERMINAL:
             _run("scancel", job_id)
     return dict(job_id=job_id, info=info, log=log.read_text(), run_dir=job["run_dir"])
 

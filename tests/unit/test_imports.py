@@ -45,22 +45,44 @@ def _run(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def light_imports() -> dict:
+    """{module: [forbidden modules loaded by importing it]}, from one fresh interpreter per
+    forbidden set: the modules are imported one after the other, each checked right after its
+    import, so a module that loads Megatron (or torch) is named, and every module imported
+    after it is checked in a process that had not loaded it either (or the first one fails)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for module, forbidden in sorted(MEGATRON_FREE.items()):
+        groups.setdefault(forbidden, []).append(module)
+    found: dict[str, list[str]] = {}
+    for forbidden, modules in groups.items():
+        found.update(
+            _run(
+                f"""
+                import importlib, json, sys
+                out = {{}}
+                for module in {modules!r}:
+                    importlib.import_module(module)
+                    out[module] = [m for m in {list(forbidden)!r} if m in sys.modules]
+                    if out[module]:
+                        break
+                print(json.dumps(out))
+                """
+            )
+        )
+    return found
+
+
 @pytest.mark.parametrize("module", sorted(MEGATRON_FREE))
-def test_light_module_imports_without_megatron(module):
-    loaded = _run(
-        f"""
-        import importlib, json, sys
-        importlib.import_module({module!r})
-        print(json.dumps({{m: m in sys.modules for m in {list(MEGATRON_FREE[module])!r}}}))
-        """
-    )
-    assert loaded == {m: False for m in MEGATRON_FREE[module]}, (
-        f"importing {module} loads {[m for m, v in loaded.items() if v]}"
-    )
+def test_light_module_imports_without_megatron(module, light_imports):
+    assert module in light_imports, f"not checked: an earlier module loaded {light_imports}"
+    assert light_imports[module] == [], f"importing {module} loads {light_imports[module]}"
 
 
-def test_public_names_are_lazy_and_patches_wait_for_apply():
-    out = _run(
+@pytest.fixture(scope="module")
+def fresh_interpreter() -> dict:
+    """One fresh interpreter: the lazy public names, then (without CUDA) compat.apply() twice."""
+    return _run(
         """
         import json, sys
         import torch
@@ -78,10 +100,31 @@ def test_public_names_are_lazy_and_patches_wait_for_apply():
             out["unknown_name_raises"] = False
         except AttributeError:
             out["unknown_name_raises"] = True
-        print(json.dumps(out))
+        lazy = out
+        apply = None
+        if not torch.cuda.is_available():  # the CPU patches apply only without CUDA
+            from fusedkv_megatron import compat
+            from fusedkv_megatron.compat import cpu, upstream
+            from megatron.core.tensor_parallel import random as mrandom
+            first = compat.apply()
+            state = (torch.cuda.current_device, mrandom.CheckpointWithoutOutput.__init__,
+                     dict(cpu.ORIGINALS), len(torch.overrides._get_current_function_mode_stack()))
+            second = compat.apply()
+            again = (torch.cuda.current_device, mrandom.CheckpointWithoutOutput.__init__,
+                     dict(cpu.ORIGINALS), len(torch.overrides._get_current_function_mode_stack()))
+            apply = {
+                "first": first, "second": second, "same_state": state == again,
+                "originals_kept": cpu.ORIGINALS["current_device"] is original_device,
+                "upstream_fixed": mrandom.CheckpointWithoutOutput.__init__ is upstream._fixed_cwo_init,
+                "one_mode": again[3],
+            }
+        print(json.dumps({"lazy": lazy, "apply": apply}))
         """
     )
-    assert out == {
+
+
+def test_public_names_are_lazy_and_patches_wait_for_apply(fresh_interpreter):
+    assert fresh_interpreter["lazy"] == {
         "dir_has_all": True,
         "config_without_megatron": True,
         "megatron_after_build_model_access": True,
@@ -93,30 +136,8 @@ def test_public_names_are_lazy_and_patches_wait_for_apply():
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="the CPU patches apply only without CUDA"
 )
-def test_apply_is_idempotent():
-    out = _run(
-        """
-        import json
-        import torch
-        original_device = torch.cuda.current_device
-        from fusedkv_megatron import compat
-        from fusedkv_megatron.compat import cpu, upstream
-        from megatron.core.tensor_parallel import random as mrandom
-        first = compat.apply()
-        state = (torch.cuda.current_device, mrandom.CheckpointWithoutOutput.__init__,
-                 dict(cpu.ORIGINALS), len(torch.overrides._get_current_function_mode_stack()))
-        second = compat.apply()
-        again = (torch.cuda.current_device, mrandom.CheckpointWithoutOutput.__init__,
-                 dict(cpu.ORIGINALS), len(torch.overrides._get_current_function_mode_stack()))
-        print(json.dumps({
-            "first": first, "second": second, "same_state": state == again,
-            "originals_kept": cpu.ORIGINALS["current_device"] is original_device,
-            "upstream_fixed": mrandom.CheckpointWithoutOutput.__init__ is upstream._fixed_cwo_init,
-            "one_mode": again[3],
-        }))
-        """
-    )
-    assert out == {
+def test_apply_is_idempotent(fresh_interpreter):
+    assert fresh_interpreter["apply"] == {
         "first": True,
         "second": True,
         "same_state": True,
