@@ -58,13 +58,16 @@ def qwen3_config(
         gradient_accumulation_fusion=False,
         hetereogenous_dist_checkpoint=True,
     )
-    fields.update(
-        pipeline_p2p_fields(
-            overrides.get("pipeline_model_parallel_size", 1),
-            overrides.get("virtual_pipeline_model_parallel_size"),
-            kv_sharing,
-        )
+    p2p = pipeline_p2p_fields(
+        overrides.get("pipeline_model_parallel_size", 1),
+        overrides.get("virtual_pipeline_model_parallel_size"),
+        kv_sharing,
     )
+    if p2p.get("variable_seq_lengths"):
+        # TransformerConfig refuses variable_seq_lengths with its default MoE token dispatcher
+        # ("allgather") even in a model without experts; a dense model never reads the field.
+        p2p["moe_token_dispatcher_type"] = "alltoall"
+    fields.update(p2p)
     fields.update(overrides)
     return TransformerConfig(**fields)
 

@@ -24,7 +24,6 @@ For the trainer:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,8 +35,6 @@ from torch import Tensor
 
 from .config import KVSharingConfig
 from .fusion import Source, layer_plans, live_sources
-
-log = logging.getLogger(__name__)
 
 
 class PipelineConfigError(ValueError):
@@ -245,9 +242,6 @@ def pipeline_p2p_fields(
     fields = {"batch_p2p_comm": False, "overlap_p2p_comm": True}
     if kv is None or kv.shares_kv:
         fields["variable_seq_lengths"] = True
-        # TransformerConfig refuses variable_seq_lengths with its default MoE token dispatcher
-        # ("allgather") even in a model without experts; a dense model never reads the field.
-        fields["moe_token_dispatcher_type"] = "alltoall"
     return fields
 
 
@@ -268,7 +262,6 @@ def check_pipeline_config(config: TransformerConfig, kv: KVSharingConfig) -> Non
             )
         return
     needed = pipeline_p2p_fields(config.pipeline_model_parallel_size, vpp, kv)
-    needed.pop("moe_token_dispatcher_type", None)  # only to get past TransformerConfig
     wrong = {k: v for k, v in needed.items() if getattr(config, k) != v}
     if wrong:
         got = ", ".join(f"{k}={getattr(config, k)}" for k in wrong)
