@@ -295,6 +295,13 @@ def describe_attention(
     fused, TE, SDPA, materialised) and why. `backend` is the kernels' backend choice (default:
     the FUSEDKV_ATTENTION_BACKEND environment variable)."""
     core = "TE DotProductAttention" if use_transformer_engine else "SDPA"
+    if config.context_parallel_size > 1:
+        how = (
+            f"TE cp_comm_type {config.cp_comm_type or 'p2p'}"
+            if use_transformer_engine
+            else "K/V all-gathered over the CP group"
+        )
+        core += f" with CP {config.context_parallel_size} ({how})"
     if use_transformer_engine:
         why = "Transformer Engine: TE linears, norms and core attention"
     elif cuda:

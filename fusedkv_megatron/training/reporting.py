@@ -305,7 +305,8 @@ def startup_report(rt) -> None:
         f"> parameters: {int(counts[0]):,} with embeddings, {int(counts[1]):,} without\n"
         f"> KV cache: {kv_bytes:,} bytes per token (bf16)\n"
         f"> parallel: TP {a.tensor_model_parallel_size}, PP {a.pipeline_model_parallel_size}, "
-        f"VPP {a.virtual_pipeline_model_parallel_size}, DP {a.data_parallel_size}; global batch "
+        f"VPP {a.virtual_pipeline_model_parallel_size}, CP {a.context_parallel_size}, DP "
+        f"{a.data_parallel_size}; global batch "
         f"{a.global_batch_size} = micro {a.micro_batch_size} x DP x {a.num_microbatches} "
         f"microbatches"
     )
