@@ -1,7 +1,7 @@
 """fusedkv-pretrain with --context-parallel-size 2 (two gloo processes under torchrun) trains with
 the same losses as CP=1 from the same checkpoint, with the distributed optimizer: a CP=1
 checkpoint resumes at CP=2, and the CP=2 checkpoint resumes at CP=1 where the CP=1 run would
-be. Packed documents (--reset-attention-mask --reset-position-ids) give the same losses at
+be, and the Hugging Face export reads the CP checkpoint. Packed documents (--reset-attention-mask --reset-position-ids) give the same losses at
 CP=2 as at CP=1 (document masks and the load-balanced split together)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from fusedkv_megatron import checkpoint_format as cf
+from fusedkv_megatron.hf.convert import megatron_to_hf
 from tests.integration.trainer_helpers import (
     TINY,
     data_flags,
@@ -53,6 +54,9 @@ def test_cp2_trains_like_cp1_from_the_same_checkpoint_and_back(data, tmp_path, c
     _same(scalars(tmp_path / "tb-cp2", "lm loss"), ref, (3, 4))
     info = cf.read_run_info(cf.latest_checkpoint_dir(b))
     assert info["parallel"]["context_parallel_size"] == 2 and info["iteration"] == 4
+    # The Hugging Face export reads a CP-trained checkpoint like any other (nothing to undo).
+    hf = megatron_to_hf(b, tmp_path / "hf", no_tokenizer=True)
+    assert (hf / "config.json").is_file()
 
     code, _, err = run_cli([*flags, "--train-iters", "5", "--load", b,
                             "--tensorboard-dir", tmp_path / "tb-back"], capfd)  # fmt: skip
