@@ -59,3 +59,22 @@ def test_each_rank_holds_chunks_r_and_2n_minus_1_minus_r():
     assert local_positions(4, 2, 1).tolist() == [2, 3, 4, 5]
     every = sorted(p for r in range(4) for p in local_positions(6, 4, r).tolist())
     assert every == list(range(24))
+
+
+def test_start_up_report_names_the_cp_path(monkeypatch):
+    """One line per kind of layer: the SDPA all-gather on the local backend; on a GPU with
+    Transformer Engine its CP exchange, and the reconstruction layers leave the Triton kernel
+    (which has no CP) for the materialising path, saying why."""
+    from fusedkv_megatron import KVSharingConfig, kernels
+    from tests.tiny import tiny_config
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    config = tiny_config("fusedkv", context_parallel_size=2, cp_comm_type="a2a")
+    kv = KVSharingConfig("fusedkv")
+    local = spec.describe_attention(config, kv, use_transformer_engine=False, cuda=False)
+    assert "(own K/V): SDPA with CP 2 (K/V all-gathered over the CP group)" in local[1]
+    te = spec.describe_attention(config, kv, use_transformer_engine=True, cuda=True)
+    assert te[2].endswith(
+        "materialised K/V, then TE DotProductAttention with CP 2 (TE cp_comm_type a2a) "
+        "(context_parallel_size=2 (the kernel has no CP: fused K/V, then the core attention's CP))"
+    ), te[2]

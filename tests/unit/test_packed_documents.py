@@ -134,3 +134,26 @@ def test_fused_kernel_is_not_taken_for_packed_documents(megatron_tp1, monkeypatc
     with pytest.raises(RuntimeError, match="packed documents"):
         attention.fused_attention_applies(layer, q, None, [], mask)
     assert "document boundaries" in PACKED_DOCUMENTS
+
+
+def test_sdpa_applies_a_document_mask_like_megatrons_dot_product_attention(megatron_tp1):
+    """Causal attention with a packed-document mask: the SDPA core attention and Megatron's
+    local DotProductAttention (which applies a passed mask under a causal mask type) agree."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from fusedkv_megatron.core_attention import SDPAAttention
+    from tests.tiny import tiny_config
+
+    config = tiny_config("vanilla", num_layers=1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(SEQ, 2, 4, 16, generator=g).requires_grad_(True) for _ in range(3))
+    mask = torch.stack([document_mask(LENGTHS), document_mask([SEQ])])
+    outs = []
+    for core in (DotProductAttention, SDPAAttention):
+        out = core(config, 1, AttnMaskType.causal, "self")(q, k, v, mask)
+        outs.append((out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    (ref, ref_grads), (got, grads) = outs
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, e in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
