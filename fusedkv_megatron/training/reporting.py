@@ -311,7 +311,8 @@ def startup_report(rt) -> None:
         f"microbatches"
     )
     use_te = a.transformer_impl == "transformer_engine"
-    for line in describe_attention(rt.config, rt.kv, use_te, rt.device.type == "cuda"):
+    cuda, packed = rt.device.type == "cuda", a.reset_attention_mask
+    for line in describe_attention(rt.config, rt.kv, use_te, cuda, packed_documents=packed):
         print_first(line)
     if a.pipeline_model_parallel_size > 1:
         for b in boundary_bytes(rt.config, rt.kv, a.micro_batch_size, a.seq_length):

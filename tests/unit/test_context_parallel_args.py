@@ -78,3 +78,15 @@ def test_start_up_report_names_the_cp_path(monkeypatch):
         "materialised K/V, then TE DotProductAttention with CP 2 (TE cp_comm_type a2a) "
         "(context_parallel_size=2 (the kernel has no CP: fused K/V, then the core attention's CP))"
     ), te[2]
+
+
+def test_start_up_report_says_packed_documents_skip_the_fused_kernel(monkeypatch):
+    from fusedkv_megatron import KVSharingConfig, kernels
+    from tests.tiny import tiny_config
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    config = tiny_config("fusedkv", bf16=True, kv_channels=64)
+    kv = KVSharingConfig("fusedkv")
+    assert "Triton fused" in spec.describe_attention(config, kv, False, cuda=True)[2]
+    line = spec.describe_attention(config, kv, False, cuda=True, packed_documents=True)[2]
+    assert "materialised K/V, then SDPA (packed documents" in line, line
