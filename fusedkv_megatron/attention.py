@@ -297,7 +297,7 @@ class ReconstructionAttention(_AttendMixin, Attention):
         query = self.get_query(hidden_states)
         read = [sources[s] for s in self.plan.reads]
         # The query's dtype decides (fp32 residuals or autocast leave hidden_states in fp32).
-        if fused_attention_applies(self, query, self.attention_backend, read):
+        if fused_attention_applies(self, query, self.attention_backend, read, attention_mask):
             return self._fused_attention(self._rotate(query, q_emb), sources), {}
         key, value = self.reconstruct(sources)
         if not isinstance(self.core_attention, SDPAAttention):

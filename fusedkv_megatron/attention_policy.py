@@ -11,6 +11,8 @@ from torch import Tensor
 
 from .kernels import BACKEND_ENV, head_dim_supported, requested_backend, use_triton
 
+PACKED_DOCUMENTS = "packed documents (an attention mask; the kernel has no document boundaries)"
+
 
 def fused_kernel_blockers(
     config, head_dim: int, plan, training: bool = True, attn_mask_type="causal"
@@ -21,7 +23,11 @@ def fused_kernel_blockers(
     if training and config.attention_dropout > 0:
         why.append(f"attention_dropout={config.attention_dropout} (the kernel has no dropout)")
     if config.context_parallel_size != 1:
-        why.append(f"context_parallel_size={config.context_parallel_size}")
+        # The kernel attends to the keys it is given; under CP the core attention gathers them.
+        why.append(
+            f"context_parallel_size={config.context_parallel_size} (the kernel has no CP: "
+            "fused K/V, then the core attention's CP)"
+        )
     if getattr(attn_mask_type, "name", attn_mask_type) != "causal":
         why.append(f"attn_mask_type={attn_mask_type} (causal only)")
     if config.softmax_type != "vanilla" or config.window_size is not None:
@@ -44,15 +50,23 @@ def _unsupported(module) -> list[str]:
 
 
 def fused_attention_applies(
-    module, q: Tensor, backend: str | None = None, sources: list[Tensor] = ()
+    module,
+    q: Tensor,
+    backend: str | None = None,
+    sources: list[Tensor] = (),
+    attention_mask: Tensor | None = None,
 ) -> bool:
     """Whether a ReconstructionAttention `module` runs the Triton kernel for the query `q`
     (and the source tensors it would read): auto picks it on CUDA when q is fp16/bf16, the
     sources have q's dtype and the layer is supported (else the materializing path; fp32 would
-    make the kernel's dots TF32); a forced `triton` raises on an unsupported layer."""
+    make the kernel's dots TF32); a forced `triton` raises on an unsupported layer. An
+    `attention_mask` (packed documents) takes the materializing path: the kernel is causal
+    over one sequence and has no document boundaries."""
     if not use_triton(q, backend):
         return False
     why = _unsupported(module)
+    if attention_mask is not None:
+        why.append(PACKED_DOCUMENTS)
     mixed = sorted({str(x.dtype) for x in sources if x.dtype != q.dtype})
     if mixed:
         why.append(f"sources in {', '.join(mixed)} but the query in {q.dtype}")

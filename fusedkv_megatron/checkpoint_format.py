@@ -22,7 +22,8 @@ Layout (as Megatron-LM's):
      "tokenizer": {"type", "model_file" ("tokenizer.model", "tokenizer" or null), "vocab_size",
                    "eod_id"},
      "parallel": {"tensor_model_parallel_size", "pipeline_model_parallel_size",
-                  "virtual_pipeline_model_parallel_size", "data_parallel_size"}}
+                  "virtual_pipeline_model_parallel_size", "data_parallel_size",
+                  "context_parallel_size" (optional: absent means 1)}}
 
 Crash safety (the commit protocol of `commit_iteration`): everything is written and fsynced
 under DIR/iter_XXXXXXX.tmp, which then becomes DIR/iter_XXXXXXX by one rename (or, when that
@@ -75,6 +76,8 @@ PARALLEL_KEYS = (
     "virtual_pipeline_model_parallel_size",
     "data_parallel_size",
 )
+# Recorded when known; checkpoints written before context parallelism lack it (CP 1).
+OPTIONAL_PARALLEL_KEYS = ("context_parallel_size",)
 # Model fields that decide tensor shapes/semantics: a checkpoint that differs in any of these
 # cannot be loaded into the current model. seq_length may change (RoPE has no table to resize).
 ARCHITECTURE_KEYS = tuple(k for k in MODEL_KEYS if k != "seq_length")
@@ -318,7 +321,9 @@ def make_run_info(
         "model": {k: model[k] for k in MODEL_KEYS},
         "kv_sharing": {k: kv_sharing[k] for k in KV_SHARING_KEYS},
         "tokenizer": {k: tokenizer[k] for k in TOKENIZER_KEYS},
-        "parallel": {k: parallel[k] for k in PARALLEL_KEYS},
+        "parallel": {
+            k: parallel[k] for k in PARALLEL_KEYS + OPTIONAL_PARALLEL_KEYS if k in parallel
+        },
     }
     sl = info["kv_sharing"]["source_layers"]
     info["kv_sharing"]["source_layers"] = list(sl) if sl is not None else None
@@ -353,6 +358,7 @@ def training_run_info(
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             data_parallel_size=args.data_parallel_size,
+            context_parallel_size=getattr(args, "context_parallel_size", 1),
         ),
     )
 

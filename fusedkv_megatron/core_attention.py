@@ -6,9 +6,13 @@ without Transformer Engine could not train at the paper's context. `SDPAAttentio
 constructor and forward signature and lets torch pick its flash / memory-efficient kernels
 on CUDA (math on CPU); GQA goes through SDPA's `enable_gqa`, without repeating K/V.
 
-Masks follow Transformer Engine's convention: with `causal` the causal mask is implied and a
-passed `attention_mask` is ignored (Megatron's GPT data passes exactly the causal mask);
-`no_mask` uses none; `padding`/`arbitrary` use the boolean mask (True = masked out).
+Masks (True = masked out, Megatron's convention): with `causal` the causal mask is implied,
+and a passed `attention_mask` (packed documents: Megatron's GPT data with
+reset_attention_mask gives a block-diagonal causal one) is applied on top of it, as Megatron's
+local DotProductAttention applies it; `no_mask` uses none; `padding`/`arbitrary` use the mask.
+
+Context parallelism: K/V are all-gathered over the CP group and each local query is masked by
+its global position (context_parallel.py); the GPU alternative is Transformer Engine's CP.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+
+from .context_parallel import gather_sequence, keep_mask
+
+_CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
 
 class SDPAAttention(MegatronModule):
@@ -41,21 +49,25 @@ class SDPAAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise NotImplementedError(
-                f"context_parallel_size={config.context_parallel_size}: the local SDPA core "
-                "attention has no context parallelism; use Transformer Engine or CP=1"
-            )
         if config.softmax_type != "vanilla" or config.window_size is not None:
             raise NotImplementedError(
                 f"softmax_type={config.softmax_type!r}, window_size={config.window_size}: the "
                 "local SDPA core attention supports vanilla full softmax only"
             )
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            required = ["tp", "cp"] if config.context_parallel_size > 1 else ["tp"]
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
+        cp_group = getattr(pg_collection, "cp", None)
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        if self.cp_group is not None and attn_mask_type not in _CAUSAL:
+            raise NotImplementedError(
+                f"attn_mask_type={attn_mask_type.name} with context_parallel_size="
+                f"{cp_group.size()}: the local SDPA core attention splits the sequence for "
+                "causal attention only; use CP=1 or Transformer Engine"
+            )
         tp = pg_collection.tp.size()
         self.num_heads = divide(config.num_attention_heads, tp)
         self.num_query_groups = divide(config.num_query_groups, tp)
@@ -71,12 +83,12 @@ class SDPAAttention(MegatronModule):
 
     def _mask(self, attention_mask: Tensor | None, mask_type: AttnMaskType):
         """(attn_mask, is_causal) for SDPA; its boolean masks mean True = attend."""
-        if mask_type == AttnMaskType.causal:
+        if mask_type == AttnMaskType.causal and attention_mask is None:
             return None, True
         if mask_type == AttnMaskType.no_mask or attention_mask is None:
             return None, False
         keep = ~attention_mask.bool()
-        if mask_type == AttnMaskType.padding_causal:
+        if mask_type in _CAUSAL:
             sq, sk = keep.shape[-2:]
             keep = keep & torch.ones(sq, sk, dtype=torch.bool, device=keep.device).tril()
         return keep, False
@@ -97,7 +109,13 @@ class SDPAAttention(MegatronModule):
                 "attention; use Transformer Engine"
             )
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        attn_mask, is_causal = self._mask(attention_mask, mask_type)
+        if self.cp_group is not None:
+            # This rank's queries against the whole sequence's keys (context_parallel.py).
+            key, value = gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)
+            attn_mask = keep_mask(query.shape[0], self.cp_group, attention_mask, query.device)
+            is_causal = False
+        else:
+            attn_mask, is_causal = self._mask(attention_mask, mask_type)
         sq, b, hq, d = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
         dropout = self.dropout_p if self.training else 0.0

@@ -87,7 +87,11 @@ def _run(args, signals) -> int:
         train_data_path=a.train_data_path,
         valid_data_path=a.valid_data_path,
         test_data_path=a.test_data_path,
-        create_attention_mask=False,  # the attention builds its causal mask itself
+        # The attention builds its causal mask itself; packed documents need the mask.
+        create_attention_mask=a.reset_attention_mask,
+        reset_position_ids=a.reset_position_ids,
+        reset_attention_mask=a.reset_attention_mask,
+        eod_mask_loss=a.eod_mask_loss,
     )
 
     shape = ModelShape.from_args(a, rt.padded_vocab_size)

@@ -290,11 +290,20 @@ def describe_attention(
     use_transformer_engine: bool,
     cuda: bool,
     backend: str | None = None,
+    packed_documents: bool = False,
 ) -> list[str]:
     """Start-up lines: the backend, and for each kind of layer its attention path (Triton
     fused, TE, SDPA, materialised) and why. `backend` is the kernels' backend choice (default:
-    the FUSEDKV_ATTENTION_BACKEND environment variable)."""
+    the FUSEDKV_ATTENTION_BACKEND environment variable); `packed_documents`: batches carry a
+    document mask, which the fused kernel cannot apply."""
     core = "TE DotProductAttention" if use_transformer_engine else "SDPA"
+    if config.context_parallel_size > 1:
+        how = (
+            f"TE cp_comm_type {config.cp_comm_type or 'p2p'}"
+            if use_transformer_engine
+            else "K/V all-gathered over the CP group"
+        )
+        core += f" with CP {config.context_parallel_size} ({how})"
     if use_transformer_engine:
         why = "Transformer Engine: TE linears, norms and core attention"
     elif cuda:
@@ -309,6 +318,10 @@ def describe_attention(
     recon = [p for p in plans if p.is_reconstruction]
     if recon:
         fused, why = _fused_path(config, recon[0], cuda, backend)
+        if fused and packed_documents:
+            from .attention_policy import PACKED_DOCUMENTS
+
+            fused, why = False, PACKED_DOCUMENTS
         sources = sorted({s for p in recon for s in p.reads})
         names = ", ".join(f"{kind.upper()}{layer}" for layer, kind in sources)
         path = "Triton fused" if fused else f"materialised K/V, then {core}"

@@ -105,7 +105,8 @@ def preset_table(mfu: float = 0.4) -> str:
                 found[0].layout.describe() + f", {cli.gib(found[0].peak)} GiB" if found else "none"
             )
         rows.append(
-            f"| {preset.name} | {preset.nodes} x {preset.gpus_per_node} | {lay.describe()} | "
+            f"| {preset.name} | {preset.nodes} x {preset.gpus_per_node} | {lay.describe()}"
+            f"{f' CP={preset.context_parallel}' if preset.context_parallel > 1 else ''} | "
             f"{cells[0]} | {cells[1]} | {planned.speed.tokens_per_s:,.0f} | {best[0]} | {best[1]} |"
         )
     return "\n".join(rows)

@@ -2,7 +2,8 @@
 
 A preset says where a run goes (nodes, GPUs, tensor/pipeline split, time limit, how early to stop
 before it); the YAML config says what is trained (model, optimizer, data, iterations). Data
-parallel is what is left: DP = nodes * GPUs per node / (TP * PP), so `--nodes` scales a preset.
+parallel is what is left: DP = nodes * GPUs per node / (TP * PP * CP), so `--nodes` scales a
+preset. CP (context parallelism) splits each sequence over CP GPUs: the long-context preset.
 
 The GPU layouts assume 8 x 80 GB GPUs per node (H100/A100 class), sequence length 8192, bf16 and
 the distributed optimizer. Every size up to 1.5B fits a GPU without tensor parallelism, and pure
@@ -28,6 +29,7 @@ class Preset:
     signal_grace_s: int  # SLURM sends USR1 this long before the time limit
     exit_margin_s: int  # the trainer stops by itself this long before the time limit
     procs_per_node: int = 0  # CPU presets: torchrun processes per node (GPU: one per GPU)
+    context_parallel: int = 1  # ranks one sequence is split over (long context)
     note: str = ""
 
     @property
@@ -93,6 +95,18 @@ PRESETS: dict[str, Preset] = {
             signal_grace_s=420,
             exit_margin_s=1200,
             note="TP=2 inside a node, DP=64; 800B tokens",
+        ),
+        Preset(
+            "332m-32k",
+            nodes=1,
+            gpus_per_node=8,
+            tensor_parallel=1,
+            pipeline_parallel=1,
+            context_parallel=2,
+            time="24:00:00",
+            signal_grace_s=300,
+            exit_margin_s=600,
+            note="32k context: CP=2 (sequence split over 2 GPUs), DP=4",
         ),
     )
 }

@@ -207,11 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _layout(preset: Preset, nodes: int, gpus: int | None = None) -> str:
     gpus = preset.gpus_per_node if gpus is None else gpus
-    tp, pp = preset.tensor_parallel, preset.pipeline_parallel
+    tp, pp, cp = preset.tensor_parallel, preset.pipeline_parallel, preset.context_parallel
+    cp_text = f" CP={cp}" if cp > 1 else ""
     if gpus == 0:
         procs = preset.procs_per_node * nodes
-        return f"{nodes} node(s) x {preset.procs_per_node} CPU processes, TP={tp} PP={pp} DP={procs // (tp * pp)}"
-    return f"{nodes} node(s) x {gpus} GPUs, TP={tp} PP={pp} DP={nodes * gpus // (tp * pp)}"
+        return f"{nodes} node(s) x {preset.procs_per_node} CPU processes, TP={tp} PP={pp}{cp_text} DP={procs // (tp * pp * cp)}"
+    return f"{nodes} node(s) x {gpus} GPUs, TP={tp} PP={pp}{cp_text} DP={nodes * gpus // (tp * pp * cp)}"
 
 
 def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
@@ -249,12 +250,14 @@ def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
             )
     tp = _int_flag(extra, "--tensor-model-parallel-size", preset.tensor_parallel)
     pp = _int_flag(extra, "--pipeline-model-parallel-size", preset.pipeline_parallel)
+    cp = _int_flag(extra, "--context-parallel-size", preset.context_parallel)
     world = nodes * nproc
-    if tp < 1 or pp < 1 or world % (tp * pp):
+    if tp < 1 or pp < 1 or cp < 1 or world % (tp * pp * cp):
         raise SubmitError(
             f"{nodes} node(s) x {nproc} processes = {world} is not divisible by tensor parallel "
-            f"{tp} x pipeline parallel {pp}; change --nodes/--gpus-per-node or pass "
-            "-- --tensor-model-parallel-size N --pipeline-model-parallel-size M"
+            f"{tp} x pipeline parallel {pp} x context parallel {cp}; change --nodes/"
+            "--gpus-per-node or pass -- --tensor-model-parallel-size N "
+            "--pipeline-model-parallel-size M --context-parallel-size C"
         )
     if tp > nproc:
         print(

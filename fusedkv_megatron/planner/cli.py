@@ -18,6 +18,7 @@ import sys
 from ..config import KVSharingConfig, KVSharingError
 from ..training.arguments import ArgumentError, build_parser, parse_args, validate_args
 from ..training.model_size import PEAK_BF16_TFLOPS, ModelShape, parameter_count
+from .context import describe_context_parallel, plan_context_parallel
 from .layout import GiB, Job, Layout, Machine, PlanError
 from .search import Plan, plan, search
 
@@ -112,6 +113,9 @@ def plan_from_argv(argv: list[str]) -> tuple[Plan, argparse.Namespace]:
         args.gpus_per_node, args.nodes, args.gpu_memory, args.gpu_kind, args.reserve_gb
     )
     job, layout = job_and_layout(args, machine.gpus)
+    if args.context_parallel_size > 1:  # context.py: the sequence split over CP ranks
+        cp = args.context_parallel_size
+        return plan_context_parallel(job, layout, machine, cp, args.mfu, args.norm_impl), args
     return plan(job, layout, machine, args.mfu, args.norm_impl), args
 
 
@@ -223,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe_plan(given))
+    if args.context_parallel_size > 1:
+        print(describe_context_parallel(given.job, given.layout, args.context_parallel_size))
     if not args.search:
         return 0 if given.fits else 1
     job, layout, machine = given.job, given.layout, given.machine

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..config import FUSION_INITS, VARIANTS
+from .flags_context import add_context_flags, check_context_args
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a SentencePiece .model file, or a local Hugging Face tokenizer directory",
     )
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    add_context_flags(p)
     return p
 
 
@@ -402,6 +404,7 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
             f"pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes"
         )
     args.data_parallel_size = world_size // (tp * pp)
+    check_context_args(args, world_size)  # divides the data-parallel size by CP
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 

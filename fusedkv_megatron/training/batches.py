@@ -51,7 +51,9 @@ class MicrobatchIterator(Iterator):
             )
         samples = [self.dataset[i] for i in range(start, start + self.mbs)]
         batch = {}
-        for key in BATCH_KEYS:
+        # Packed documents (reset_attention_mask): Megatron's [1, s, s] mask, True = masked out.
+        extra = ("attention_mask",) if "attention_mask" in samples[0] else ()
+        for key in BATCH_KEYS + extra:
             values = [np.asarray(s[key]) for s in samples]
             batch[key] = torch.from_numpy(np.stack(values)).to(self.device, non_blocking=True)
         batch["tokens"] = batch["tokens"].long()

@@ -118,7 +118,8 @@ def _rng_sharded_object() -> ShardedObject:
         _rng_state(),
         (pp, tp),
         offset,
-        replica_id=parallel_state.get_data_parallel_rank(),
+        # Context-parallel ranks hold the same state: replicas like data-parallel ones.
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
     )
 
 

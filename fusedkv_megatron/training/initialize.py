@@ -78,6 +78,7 @@ def init_model_parallel(args) -> None:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
 
@@ -116,6 +117,8 @@ def transformer_config(args, kv=None):
         num_layers_in_first_pipeline_stage=args.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=args.num_layers_in_last_pipeline_stage,
         sequence_parallel=args.sequence_parallel,
+        context_parallel_size=args.context_parallel_size,
+        cp_comm_type=args.cp_comm_type if args.context_parallel_size > 1 else None,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=args.bf16,

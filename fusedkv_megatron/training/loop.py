@@ -21,6 +21,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from ..context_parallel import batch_on_this_rank
 from ..pipeline import pipeline_schedule_kwargs
 from .batches import microbatch_iterators
 from .checkpointing import TrainState
@@ -44,22 +45,28 @@ def _loss_func(loss_mask: torch.Tensor, inject_nan: bool, output: torch.Tensor):
 
 
 def _forward_step(inject_nan: bool, data_iterator, model):
-    batch = next(data_iterator)
+    # This context-parallel rank's chunks of the sequence (all of it at CP=1).
+    batch = batch_on_this_rank(next(data_iterator), parallel_state.get_context_parallel_group())
     output = model(
-        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+        batch["tokens"],
+        batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),  # packed documents, else None
+        labels=batch["labels"],
     )
     return output, partial(_loss_func, batch["loss_mask"], inject_nan)
 
 
 def _reduce_losses(losses: list[dict]) -> tuple[float, float] | None:
-    """(loss sum, token count) over microbatches and data-parallel ranks; None off the last stage."""
+    """(loss sum, token count) over microbatches, data- and context-parallel ranks; None off
+    the last stage."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     total = torch.zeros(2, dtype=torch.float64)
     for item in losses:
         total += item["lm loss"].detach().to("cpu", torch.float64)
     total = total.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    torch.distributed.all_reduce(total, group=dp_cp)
     return float(total[0]), float(total[1])
 
 

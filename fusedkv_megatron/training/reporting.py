@@ -305,12 +305,14 @@ def startup_report(rt) -> None:
         f"> parameters: {int(counts[0]):,} with embeddings, {int(counts[1]):,} without\n"
         f"> KV cache: {kv_bytes:,} bytes per token (bf16)\n"
         f"> parallel: TP {a.tensor_model_parallel_size}, PP {a.pipeline_model_parallel_size}, "
-        f"VPP {a.virtual_pipeline_model_parallel_size}, DP {a.data_parallel_size}; global batch "
+        f"VPP {a.virtual_pipeline_model_parallel_size}, CP {a.context_parallel_size}, DP "
+        f"{a.data_parallel_size}; global batch "
         f"{a.global_batch_size} = micro {a.micro_batch_size} x DP x {a.num_microbatches} "
         f"microbatches"
     )
     use_te = a.transformer_impl == "transformer_engine"
-    for line in describe_attention(rt.config, rt.kv, use_te, rt.device.type == "cuda"):
+    cuda, packed = rt.device.type == "cuda", a.reset_attention_mask
+    for line in describe_attention(rt.config, rt.kv, use_te, cuda, packed_documents=packed):
         print_first(line)
     if a.pipeline_model_parallel_size > 1:
         for b in boundary_bytes(rt.config, rt.kv, a.micro_batch_size, a.seq_length):

@@ -62,8 +62,9 @@ def test_each_preset_has_a_config_that_agrees_with_it(name):
     p = PRESETS[name]
     assert cfg.get("tensor_model_parallel_size", 1) == p.tensor_parallel
     assert cfg.get("pipeline_model_parallel_size", 1) == p.pipeline_parallel
+    assert cfg.get("context_parallel_size", 1) == p.context_parallel
     procs = p.nodes * (p.gpus_per_node or p.procs_per_node)
-    dp = procs // (p.tensor_parallel * p.pipeline_parallel)
+    dp = procs // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel)
     assert cfg["global_batch_size"] % (cfg["micro_batch_size"] * dp) == 0, (
         f"{name}: global batch {cfg['global_batch_size']} does not split over DP={dp} x "
         f"micro batch {cfg['micro_batch_size']}"

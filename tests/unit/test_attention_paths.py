@@ -83,9 +83,9 @@ def test_dispatch_reads_the_query_dtype(megatron_tp1, monkeypatch):
     seen = []
     real = attention.fused_attention_applies
 
-    def record(module, q, backend=None, sources=()):
+    def record(module, q, backend=None, sources=(), attention_mask=None):
         seen.append((q.dtype, [x.dtype for x in sources]))
-        return real(module, q, backend, sources)
+        return real(module, q, backend, sources, attention_mask)
 
     monkeypatch.setattr(attention, "fused_attention_applies", record)
     model = tiny_model("fusedkv")
