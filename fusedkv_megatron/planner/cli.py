@@ -52,28 +52,61 @@ def planner_parser() -> argparse.ArgumentParser:
         help="memory kept free for the CUDA context, NCCL and fragmentation (default 4 GiB)",
     )
     net = Network()
-    g.add_argument("--nvlink-gbps", type=float, default=None, metavar="GB/s",
-                   help=f"per GPU and direction inside a node (default by --gpu-kind; H100/H200 "
-                   f"SXM {net.intra_gbps:g})")
-    g.add_argument("--network-gbps", type=float, default=None, metavar="GB/s",
-                   help=f"per GPU and direction between nodes (default {net.inter_gbps:g}: one "
-                   "400 Gb/s NIC per GPU)")
-    g.add_argument("--network-efficiency", type=float, default=None,
-                   help=f"bus bandwidth a large collective reaches / link rate (default "
-                   f"{net.efficiency:g})")
-    g.add_argument("--nvlink-latency-us", type=float, default=None,
-                   help=f"per ring step inside a node (default {net.intra_latency_us:g})")
-    g.add_argument("--network-latency-us", type=float, default=None,
-                   help=f"per ring step between nodes (default {net.inter_latency_us:g})")
+    g.add_argument(
+        "--nvlink-gbps",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help=f"per GPU and direction inside a node (default by --gpu-kind; H100/H200 "
+        f"SXM {net.intra_gbps:g})",
+    )
+    g.add_argument(
+        "--network-gbps",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help=f"per GPU and direction between nodes (default {net.inter_gbps:g}: one "
+        "400 Gb/s NIC per GPU)",
+    )
+    g.add_argument(
+        "--network-efficiency",
+        type=float,
+        default=None,
+        help=f"bus bandwidth a large collective reaches / link rate (default {net.efficiency:g})",
+    )
+    g.add_argument(
+        "--nvlink-latency-us",
+        type=float,
+        default=None,
+        help=f"per ring step inside a node (default {net.intra_latency_us:g})",
+    )
+    g.add_argument(
+        "--network-latency-us",
+        type=float,
+        default=None,
+        help=f"per ring step between nodes (default {net.inter_latency_us:g})",
+    )
     g = p.add_argument_group("planner")
     eff = Efficiency()
-    g.add_argument("--gemm-efficiency", type=float, default=eff.ceiling,
-                   help=f"share of the bf16 peak a large GEMM sustains (default {eff.ceiling:g}; "
-                   "smaller GEMMs get less, docs/planner.md)")
-    g.add_argument("--gemm-knee", type=float, default=eff.knee,
-                   help=f"GEMM dimension at which the efficiency halves (default {eff.knee:g})")
-    g.add_argument("--attention-efficiency", type=float, default=eff.attention,
-                   help=f"attention model FLOPs / peak (default {eff.attention:g})")
+    g.add_argument(
+        "--gemm-efficiency",
+        type=float,
+        default=eff.ceiling,
+        help=f"share of the bf16 peak a large GEMM sustains (default {eff.ceiling:g}; "
+        "smaller GEMMs get less, docs/planner.md)",
+    )
+    g.add_argument(
+        "--gemm-knee",
+        type=float,
+        default=eff.knee,
+        help=f"GEMM dimension at which the efficiency halves (default {eff.knee:g})",
+    )
+    g.add_argument(
+        "--attention-efficiency",
+        type=float,
+        default=eff.attention,
+        help=f"attention model FLOPs / peak (default {eff.attention:g})",
+    )
     g.add_argument("--search", action="store_true", help="list the layouts that fit, best first")
     g.add_argument("--top", type=int, default=15, help="--search: rows to show (default 15)")
     g.add_argument(
@@ -293,9 +326,10 @@ def search_table(plans: list[Plan], top: int) -> str:
     groups = sum(1 for i, j in enumerate(tie) if i != j)
     if groups:
         rows.append(
-            f"{groups} layout(s) tie with a better-ranked one (within 0.1% of its tokens/s): "
-            "the model cannot tell them apart; they are ordered by headroom, less model "
-            "parallelism, larger micro-batch"
+            f"{groups} layout(s) tie with a better-ranked one (the same predicted step time): "
+            "they are ordered by headroom, less model parallelism, larger micro-batch. The "
+            "model's assumptions (docs/planner.md) are coarser than 1%: rows closer than that "
+            "are a toss-up"
         )
     return "\n".join(rows)
 
