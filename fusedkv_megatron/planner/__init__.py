@@ -22,8 +22,8 @@ from .efficiency import Efficiency
 from .flops import Throughput, throughput
 from .fusions import Fusions
 from .layout import Chunk, GiB, Job, Layout, Machine, PlanError, check, chunks
-from .network import Network, network_for
 from .memory import RankMemory, chunk_parameters, memory_per_rank
+from .network import Network, network_for
 from .search import Plan, plan, search
 
 __all__ = [

@@ -153,7 +153,7 @@ def throughput(
     per_rank = []
     for r in range(layout.pp):
         mine = [c for c in every if c.pp_rank == r]
-        compute = recompute = tp_once = 0.0
+        compute = recompute = 0.0
         for c in mine:
             f, e = _chunk_compute(job, layout, c, eff, peak)
             compute, recompute = compute + f, recompute + e

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from fusedkv_megatron import VARIANTS
 from fusedkv_megatron.planner import Fusions, GiB, chunk_activations, chunks, memory_per_rank
