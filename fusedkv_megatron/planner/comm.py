@@ -94,39 +94,64 @@ def _pad(n: int, divisor: int) -> int:
     return -(-n // divisor) * divisor
 
 
-def bucket_sizes(tensors: list[int], layout: Layout, bucketed: bool) -> list[int]:
+def bucket_sizes(
+    tensors: list[int], layout: Layout, bucketed: bool, shared: frozenset[int] = frozenset()
+) -> list[int]:
     """Elements of each DDP bucket (padded) for one chunk's parameters, Megatron-Core's
     layout: parameters in reverse order, starts aligned to 64 and bucket ends to lcm(DP, 128)
-    with the distributed optimizer; no padding without it."""
+    with the distributed optimizer, where a tied embedding shared across pipeline stages (the
+    indices in `shared`) gets a bucket of its own; no padding without it."""
     dist = layout.distributed_optimizer
     limit = max(40_000_000, 1_000_000 * layout.dp) if bucketed else None
+    end_divisor = math.lcm(layout.dp, 128) if dist else 1
     sizes, start, bucket_start = [], 0, 0
-    end_divisor = math.lcm(layout.dp, 128)
-    for numel in reversed(tensors):
+
+    def close(end: int) -> int:
+        padded = _pad(end, end_divisor)
+        sizes.append(padded - bucket_start)
+        return padded
+
+    for i in reversed(range(len(tensors))):
         if dist:
             start = _pad(start, 64)
-        start += numel
-        if limit is not None and start - bucket_start >= limit:
-            end = _pad(start, end_divisor) if dist else start
-            sizes.append(end - bucket_start)
-            start = bucket_start = end
+        own = dist and i in shared
+        if own and start > bucket_start:
+            start = bucket_start = close(start)
+        start += tensors[i]
+        if (limit is not None and start - bucket_start >= limit) or own:
+            start = bucket_start = close(start)
     if start > bucket_start:
-        end = _pad(start, end_divisor) if dist else start
-        sizes.append(end - bucket_start)
+        close(start)
     return sizes
 
 
-def _sp_replicated_tensors(job: Job, layout: Layout, chunk: Chunk) -> int:
-    """Elements of a chunk's parameters that SP replicates over TP and all-reduces: the
-    input and pre-MLP norms of each layer and the final norm."""
-    h = job.shape.hidden_size
-    return 2 * h * (chunk.stop - chunk.start) + (h if chunk.last else 0)
+def _shared_embedding(job: Job, layout: Layout, chunk: Chunk, tensors: list[int]) -> frozenset:
+    """Indices of a chunk's tied embedding copy that Megatron syncs across pipeline stages."""
+    if layout.pp == 1 or not job.shape.share_embeddings_and_output_weights:
+        return frozenset()
+    out = set()
+    if chunk.first:
+        out.add(0)
+    if chunk.last:
+        out.add(len(tensors) - 1)
+    return frozenset(out)
+
+
+def _tp_reduced_gradients(job: Job, layout: Layout, chunk: Chunk) -> int:
+    """Elements of a chunk's parameters whose gradients Megatron all-reduces over TP once per
+    step (finalize_model_grads): the q/k-norm weights (each TP rank normalises other heads),
+    and with SP the input and pre-MLP norms and the final norm (each rank sees other tokens)."""
+    d, h = job.shape.kv_channels, job.shape.hidden_size
+    layer_plan = plans(job.kv, job.shape.num_layers)
+    n = sum(d if layer_plan[i].is_reconstruction else 2 * d
+            for i in range(chunk.start, chunk.stop))  # fmt: skip
+    if layout.sequence_parallel:
+        n += 2 * h * (chunk.stop - chunk.start) + (h if chunk.last else 0)
+    return n
 
 
 def _tp_per_microbatch(job: Job, layout: Layout, chunk: Chunk) -> list[Transfer]:
     t = layout.tp
-    if t == 1:
-        return []
     e, tokens = job.bytes_per_element, job.seq_length * layout.micro_batch_size
     a = tokens * job.shape.hidden_size * e
     layers = chunk.stop - chunk.start
@@ -136,7 +161,9 @@ def _tp_per_microbatch(job: Job, layout: Layout, chunk: Chunk) -> list[Transfer]
         if layout.recompute_method == "block":
             recomputed = min(layout.recompute_num_layers, layers)
     out = []
-    if layout.sequence_parallel:
+    if t == 1:
+        pass
+    elif layout.sequence_parallel:
         out += [
             Transfer("tp", "all_gather", a, 6 * layers + 2 * recomputed, "layers"),
             Transfer("tp", "reduce_scatter", a, 4 * layers + 2 * recomputed, "layers"),
@@ -157,7 +184,7 @@ def _tp_per_microbatch(job: Job, layout: Layout, chunk: Chunk) -> list[Transfer]
             out.append(Transfer("tp", "all_reduce", a, 1, "embedding"))
         if chunk.last:
             out.append(Transfer("tp", "all_reduce", a, 1, "output layer"))
-    if chunk.last:
+    if chunk.last:  # Megatron's vocab-parallel cross entropy calls them at TP=1 too
         out.append(Transfer("tp", "all_reduce", tokens * 4, 3, "cross entropy"))
     return out
 
@@ -189,14 +216,16 @@ def step_transfers(job: Job, layout: Layout, pp_rank: int = 0) -> list[Transfer]
             out.append(Transfer("pp", "send", payload_bytes(job, layout, nxt), m, "activation"))
         if not c.first:
             out.append(Transfer("pp", "send", payload_bytes(job, layout, c), m, "gradient"))
-    if layout.tp > 1 and layout.sequence_parallel:
-        n = sum(_sp_replicated_tensors(job, layout, c) for c in mine)
-        out.append(Transfer("tp", "all_reduce", 4 * n, 1, "SP norm gradients"))
+    if layout.tp > 1:
+        n = sum(_tp_reduced_gradients(job, layout, c) for c in mine)
+        out.append(Transfer("tp", "all_reduce", 4 * n, 1, "norm gradients"))
     if layout.dp > 1:
         grad_e = 4  # fp32 gradient buffer (grad_reduce_in_fp32 with bf16/fp16)
         for i, c in enumerate(mine):
             bucketed = layout.overlap_grad_reduce and pp_rank == 0 and i == 0
-            for size in bucket_sizes(chunk_parameter_tensors(job, layout, c), layout, bucketed):
+            tensors = chunk_parameter_tensors(job, layout, c)
+            shared = _shared_embedding(job, layout, c, tensors)
+            for size in bucket_sizes(tensors, layout, bucketed, shared):
                 if layout.distributed_optimizer:
                     out.append(Transfer("dp", "reduce_scatter", size * grad_e, 1, "gradients"))
                     out.append(
