@@ -6,7 +6,7 @@ no and full recompute; the second stage gets a tensor of the width the first sen
 forward, for every variant with sequence parallelism off and on, in three recompute modes.
 Phase 3, the trainer's own training step (`initialize.setup`, `Trainer.train_step`) at
 TP=2 x DP=2 (SP off with the gradient reduce after backward, SP on with it overlapped) and
-PP=2 x DP=2: the bytes every rank hands to each collective and send during the second step,
+PP=2 x DP=2: the bytes every rank hands to each collective and send during a training step,
 counted by wrapping torch.distributed (tests/comm_counter.py), for every variant.
 Rank 0 writes everything as JSON for the test to compare with the planner.
 """
@@ -129,7 +129,7 @@ def _group_names() -> dict[tuple[int, ...], str]:
 
 
 def comm_bytes() -> dict:
-    """Bytes per (group, op) of the second training step, per rank; control messages apart."""
+    """Bytes per (group, op) of one training step, per rank; control messages apart."""
     from types import SimpleNamespace
 
     from fusedkv_megatron.training.checkpointing import TrainState
@@ -149,7 +149,6 @@ def comm_bytes() -> dict:
                 trainer = Trainer(rt, data, None, None, None, signals, None)
                 it = trainer._data(data, 0)
                 state = TrainState()
-                trainer.train_step(state, it, False)  # first step: lazy set-up traffic
                 counter.calls.clear()
                 counter.counting = True
                 trainer.train_step(state, it, False)
