@@ -62,7 +62,9 @@ def predicted(rt):
     job, layout = _job_and_layout(rt)
     norm_impl = "fused" if rt.device.type == "cuda" else "composite"
     try:
-        return rank_memory(job, layout, parallel_state.get_pipeline_model_parallel_rank(), norm_impl)
+        return rank_memory(
+            job, layout, parallel_state.get_pipeline_model_parallel_rank(), norm_impl
+        )
     except PlanError:
         return None
 
@@ -115,7 +117,7 @@ class SavedBytes:
 
 
 def _static_bytes(rt) -> int:
-    """Bytes of the distinct storages of the DDP parameter and gradient buffers and of the
+    """Bytes of the distinct storages of the weights, the DDP gradient buffer and the
     optimizer's tensors (fp32 main weights, moments; a view of a buffer counts once)."""
     storages: dict[int, int] = {}
 
@@ -125,6 +127,8 @@ def _static_bytes(rt) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
 
     for chunk in rt.model:
+        for param in chunk.parameters():  # views of the DDP parameter buffer where it has one
+            add(param)
         for buf in getattr(chunk, "buffers", []):
             add(buf.param_data)
             add(buf.grad_data)
@@ -156,9 +160,9 @@ class MemoryReport:
             return
         print_first(
             f"> memory predicted by the planner (pipeline rank {p.pp_rank}): peak "
-            f"{p.peak / 2**30:.2f} GiB = weights+grads+optimizer {p.static / 2**30:.2f} + "
-            f"activations {p.activations / 2**30:.2f} ({p.in_flight} microbatch(es) in flight) "
-            f"+ transient {p.transient / 2**30:.2f}; measured after {MEASURE_ITERS} iterations"
+            f"{_size(p.peak)} = weights+grads+optimizer {_size(p.static)} + activations "
+            f"{_size(p.activations)} ({p.in_flight} microbatch(es) in flight) + transient "
+            f"{_size(p.transient)}; measured after {MEASURE_ITERS} iterations"
         )
 
     @contextlib.contextmanager
@@ -193,7 +197,7 @@ class MemoryReport:
         else:
             measured = _static_bytes(self.rt) + self.saved.peak
             want = p.static + p.activations
-            what = "buffers + optimizer tensors + peak bytes saved for backward"
+            what = "weights, gradient buffer, optimizer tensors + peak bytes saved for backward"
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         table = torch.zeros(world, 2, dtype=torch.float64)
         table[rank] = torch.tensor([measured, want], dtype=torch.float64)
@@ -204,9 +208,12 @@ class MemoryReport:
         m, w = table[worst].tolist()
         print_first(
             f"> memory after {MEASURE_ITERS} iterations (rank {worst}, the largest ratio): "
-            f"measured {m / 2**30:.3f} GiB ({what}), predicted {w / 2**30:.3f} GiB, "
-            f"ratio {m / max(w, 1.0):.3f}"
+            f"measured {_size(m)} ({what}), predicted {_size(w)}, ratio {m / max(w, 1.0):.3f}"
         )
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 __all__ = ["MEASURE_ITERS", "MemoryReport", "SavedBytes", "predicted"]
