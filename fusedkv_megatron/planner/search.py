@@ -150,8 +150,8 @@ def bound_by(p: Plan) -> str:
     head = TERM_NAMES[sp.dominant]
     if sp.dominant in ("compute", "recompute"):
         over = sp.largest_overhead
-        if sp.terms[over] > 0:
-            share = sp.terms[over] / sp.step_time_s
+        share = sp.terms[over] / sp.step_time_s
+        if share >= 0.005:
             head += f" (then {TERM_NAMES[over]} {share:.0%})"
     return head
 
