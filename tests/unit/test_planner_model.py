@@ -122,16 +122,17 @@ def test_4b_search_separates_layouts_by_communication():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sp_turns_tp_all_reduces_into_gathers_and_scatters(variant):
-    """Per step, SP moves through all-gathers and reduce-scatters what TP alone moves through
-    all-reduces (apart from the weight-gradient re-gather SP adds)."""
+    """Per step, SP moves through reduce-scatters what TP alone moves through all-reduces, and
+    gathers it 1.5 times (the weight-gradient re-gather); it all-reduces the norm gradients."""
     job = pm.planner_job(variant)
     plain = step_bytes(job, pm.planner_layout("none", tp=2))
     sp = step_bytes(job, pm.planner_layout("none", tp=2, sp=True))
-    assert ("tp", "all_gather") not in plain and ("tp", "reduce_scatter") in sp
-    # layers: 4 all-reduces without SP; 4 reduce-scatters with it
-    a = pm.SEQ * pm.MBS * pm.HIDDEN * 2
-    assert sp[("tp", "reduce_scatter")] == a * (4 * pm.LAYERS + 2)
-    assert plain[("tp", "all_reduce")] == a * (4 * pm.LAYERS + 2) + pm.SEQ * pm.MBS * 4 * 3
+    a, h, layers = pm.SEQ * pm.MBS * pm.HIDDEN * 2, pm.HIDDEN, pm.LAYERS
+    assert ("tp", "all_gather") not in plain and ("tp", "reduce_scatter") not in plain
+    assert sp[("tp", "reduce_scatter")] == a * (4 * layers + 2)
+    assert sp[("tp", "all_gather")] == a * (6 * layers + 3)
+    norms = 4 * (2 * h * layers + h)  # fp32 gradients of the norms SP replicates
+    assert plain[("tp", "all_reduce")] - sp[("tp", "all_reduce")] == a * (4 * layers + 2) - norms
 
 
 def test_network_flags_change_only_communication():
