@@ -147,7 +147,7 @@ def job_and_layout(args: argparse.Namespace, world_size: int) -> tuple[Job, Layo
     precision = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
     # A planner run plans a GPU run: the fusions are on unless opted out, whatever the
     # trainer's CPU rules would make of them here.
-    fusions = Fusions.from_args(args)
+    fusions = Fusions.from_args(args, planner_parser())
     job = Job(shape, kv, a.seq_length, precision, a.make_vocab_size_divisible_by, fusions)
     layout = Layout(
         tp=a.tensor_model_parallel_size,

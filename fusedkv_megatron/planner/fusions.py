@@ -52,10 +52,16 @@ class Fusions:
         return cls(**{f.name: True for f in fields(cls)})
 
     @classmethod
-    def from_args(cls, args) -> Fusions:
+    def from_args(cls, args, parser=None) -> Fusions:
         """A GPU run's fusions from parsed flags: on unless the opt-out was given (an absent or
-        None attribute means "the default", which is on)."""
-        return cls(**{name: getattr(args, dest, None) is not False for name, dest, _ in FLAGS})
+        None attribute means "the default", which is on). With `parser`, each flag's
+        destination is the parser's own (whichever module defined the flag)."""
+        actions = getattr(parser, "_option_string_actions", {})
+        fields_ = {}
+        for name, dest, flag in FLAGS:
+            dest = actions[flag].dest if flag in actions else dest
+            fields_[name] = getattr(args, dest, None) is not False
+        return cls(**fields_)
 
     @classmethod
     def from_config(cls, config) -> Fusions:
@@ -78,10 +84,15 @@ def add_fusion_flags(parser) -> None:
     """The opt-out flags, for a parser that does not have them yet (the trainer's parser gets
     them from its own flag module; the planner accepts them either way)."""
     have = set(getattr(parser, "_option_string_actions", {}))
+    missing = [(name, dest, flag) for name, dest, flag in FLAGS if flag not in have]
+    if not missing:
+        return
     group = parser.add_argument_group("fusions (GPU; on unless opted out)")
-    for _, dest, flag in FLAGS:
-        if flag not in have:
-            group.add_argument(flag, dest=dest, action="store_false", default=None)
+    for name, dest, flag in missing:
+        group.add_argument(
+            flag, dest=dest, action="store_false", default=None,
+            help=f"plan without Megatron's {name.replace('_', ' ')} fusion",
+        )  # fmt: skip
 
 
 __all__ = ["FLAGS", "Fusions", "add_fusion_flags"]
