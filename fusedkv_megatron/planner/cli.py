@@ -324,6 +324,11 @@ def search_table(plans: list[Plan], top: int) -> str:
     if len(plans) > top:
         rows.append(f"... {len(plans) - top} more (--top N)")
     groups = sum(1 for i, j in enumerate(tie) if i != j)
+    if not groups and plans:
+        rows.append(
+            f"no ties: each of the {len(plans)} layouts has its own predicted step time (rows "
+            "closer than 1% are within the model's error, docs/planner.md)"
+        )
     if groups:
         rows.append(
             f"{groups} layout(s) tie with a better-ranked one (the same predicted step time): "
