@@ -56,7 +56,6 @@ def predicted(rt):
     the layout)."""
     from megatron.core import parallel_state
 
-    from ..planner import PlanError
     from ..planner.memory import rank_memory
 
     job, layout = _job_and_layout(rt)
@@ -65,7 +64,7 @@ def predicted(rt):
         return rank_memory(
             job, layout, parallel_state.get_pipeline_model_parallel_rank(), norm_impl
         )
-    except PlanError:
+    except ValueError:  # PlanError and the like: a layout the planner does not model
         return None
 
 
