@@ -47,7 +47,7 @@ def memory_check(
     argv += list(extra)
     argv += ["--gpus-per-node", str(nproc), "--nodes", str(nodes)]
     argv += ["--gpu-memory", str(opts.gpu_memory), "--gpu-kind", opts.gpu_kind]
-    argv += ["--mfu", str(opts.mfu)]
+    argv += ["--gemm-efficiency", str(opts.gemm_efficiency)]
     try:
         planned, _ = cli.plan_from_argv(argv)
     except SystemExit:
@@ -60,12 +60,16 @@ def memory_check(
     if opts.ignore_memory_check:
         return [*lines, "memory check: predicted not to fit, submitted anyway"]
     batch = planned.layout.global_batch_size
-    fitting = cli.search(planned.job, planned.machine, batch, planned.layout, opts.mfu)[:5]
+    eff = cli.Efficiency(ceiling=opts.gemm_efficiency)
+    found = cli.search(planned.job, planned.machine, batch, planned.layout, eff)
+    fitting = found[:5]
     suggestions = "\n".join(
         f"  -- {' '.join(cli.layout_flags(p.layout))}   ({cli.gib(p.peak)} GiB, "
-        f"{p.speed.tokens_per_s:,.0f} tokens/s)"
+        f"{p.speed.tokens_per_s:,.0f} tokens/s, bound by {cli.bound_by(p)})"
         for p in fitting
     )
+    if found:
+        suggestions += "\n" + cli.why_first(found)
     raise MemoryCheckError(
         f"{planned.layout.describe()} is predicted not to fit: {cli.summary(planned)}.\n"
         + (
@@ -77,7 +81,7 @@ def memory_check(
     )
 
 
-def preset_table(mfu: float = 0.4) -> str:
+def preset_table(gemm_efficiency: float = 0.6) -> str:
     """Every GPU preset's layout with its predicted per-GPU peak and throughput on 80 GB and
     141 GB GPUs, and the fastest layout the planner finds for each (a Markdown table)."""
     cli, why = load_planner()
@@ -85,28 +89,33 @@ def preset_table(mfu: float = 0.4) -> str:
         raise MemoryCheckError(f"the planner cannot be imported here ({why})")
     rows = [
         "| preset | GPUs | preset layout | peak / GPU, 80 GB | peak / GPU, 141 GB | tokens/s "
-        "(MFU 40%) | fastest that fits, 80 GB | fastest that fits, 141 GB |",
+        "(predicted MFU), 80 / 141 GB | fastest that fits, 80 GB | fastest that fits, 141 GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for preset in (p for p in PRESETS.values() if not p.cpu):
         config = REPO / "examples" / "configs" / f"{preset.name}.yaml"
-        cells, best = [], []
+        cells, best, speeds = [], [], []
+        eff = cli.Efficiency(ceiling=gemm_efficiency)
         for memory, kind in TABLE_GPUS:
             planned, _ = cli.plan_from_argv(
                 ["--config", str(config), "--gpus-per-node", str(preset.gpus_per_node),
                  "--nodes", str(preset.nodes), "--gpu-memory", str(memory), "--gpu-kind", kind,
-                 "--mfu", str(mfu)]
+                 "--gemm-efficiency", str(gemm_efficiency)]
             )  # fmt: skip
             verdict = "fits" if planned.fits else "does not fit"
             cells.append(f"{cli.gib(planned.peak)} GiB ({verdict})")
             lay = planned.layout
-            found = cli.search(planned.job, planned.machine, lay.global_batch_size, lay, mfu)
+            speeds.append(f"{planned.speed.tokens_per_s:,.0f} ({planned.speed.mfu:.0%})")
+            found = cli.search(planned.job, planned.machine, lay.global_batch_size, lay, eff)
             best.append(
-                found[0].layout.describe() + f", {cli.gib(found[0].peak)} GiB" if found else "none"
+                f"{found[0].layout.describe()}, {cli.gib(found[0].peak)} GiB, "
+                f"{found[0].speed.tokens_per_s:,.0f} tokens/s, {cli.bound_by(found[0])}"
+                if found
+                else "none"
             )
         rows.append(
             f"| {preset.name} | {preset.nodes} x {preset.gpus_per_node} | {lay.describe()}"
             f"{f' CP={preset.context_parallel}' if preset.context_parallel > 1 else ''} | "
-            f"{cells[0]} | {cells[1]} | {planned.speed.tokens_per_s:,.0f} | {best[0]} | {best[1]} |"
+            f"{cells[0]} | {cells[1]} | {' / '.join(speeds)} | {best[0]} | {best[1]} |"
         )
     return "\n".join(rows)

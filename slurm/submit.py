@@ -192,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-kind", default="H100", help="GPU for the throughput estimate (default H100)"
     )
     p.add_argument(
-        "--mfu", type=float, default=0.4, help="assumed MFU for the estimate (default 0.4)"
+        "--gemm-efficiency",
+        type=float,
+        default=0.6,
+        help="share of the bf16 peak a large GEMM sustains, for the estimate (default 0.6; "
+        "docs/planner.md)",
     )
     p.add_argument(
         "--ignore-memory-check",
@@ -446,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         if opts.preset_table:
-            print(preset_table(opts.mfu))
+            print(preset_table(opts.gemm_efficiency))
             return 0
         script, r = render(opts, extra)
     except (SubmitError, MemoryCheckError) as e:

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..fusion import LayerPlan
+from .comm import payload_bytes
 from .layout import Chunk, Job, Layout, live, plans
 
 NORM_IMPLS = ("fused", "composite")
@@ -81,6 +82,7 @@ class _Dims:
         self.q, self.k, self.f = self.heads * self.d, self.groups * self.d, sh.ffn_hidden_size // t
         self.vocab = job.padded_shape(layout).vocab_size // t
         self.composite = norm_impl == "composite"
+        self.fused_rope, self.fused_swiglu = job.fusions.rope, job.fusions.swiglu
 
     def norm(self, rows: int, width: int, stats_per_row: int = 1) -> int:
         per_element = 8 if self.composite else self.e
@@ -100,7 +102,7 @@ def _layer_bytes(x: _Dims, plan: LayerPlan, kv, selective: bool) -> int:
     # log-sum-exp; a checkpointed core attention keeps a 4-byte tensor instead
     total += 4 if selective else x.b * x.heads * x.s * 4
     if plan.is_reconstruction:
-        total += 2 * x.s * x.d * e  # RoPE cos/sin of the query
+        total += 0 if x.fused_rope else 2 * x.s * x.d * e  # RoPE cos/sin of the query
         total += 0 if x.composite else t * x.q * e  # Q projection output (fused q-norm input)
         for terms in (plan.key, plan.value):
             if len(terms) > 1 or terms[0].weighted:
@@ -109,11 +111,13 @@ def _layer_bytes(x: _Dims, plan: LayerPlan, kv, selective: bool) -> int:
         total += sum(groups * x.d * e for term in plan.key if term.weighted)  # expanded weights
     else:
         total += x.norm(t, x.k, x.groups)  # k-norm
-        total += 4 * x.s * x.d * e  # RoPE cos/sin of query and key
+        total += 0 if x.fused_rope else 4 * x.s * x.d * e  # RoPE cos/sin of query and key
         total += t * (x.q + 2 * x.k) * e  # mixed QKV (V is a view of it)
         total += t * x.k * e  # rotated key
     total += x.norm(x.rows, x.h) + x.rows * x.h * e  # pre-MLP norm, FC1 input
-    total += t * 2 * x.f * e + 3 * t * x.f * e  # FC1 output, SiLU out, gate input, FC2 input
+    total += t * 2 * x.f * e  # FC1 output
+    # unfused SwiGLU also keeps SiLU's output and the gate input; FC2's input in both
+    total += t * x.f * e * (1 if x.fused_swiglu else 3)
     return total
 
 
@@ -144,7 +148,7 @@ def chunk_activations(
         # outside this rank's vocabulary shard
         out.add("embedding", x.tokens * (8 + (1 if layout.tp > 1 else 0)))
     else:
-        out.payload_in = x.rows * x.h * x.e + x.stack(len(live(kv, layers, chunk.start)))
+        out.payload_in = payload_bytes(job, layout, chunk)
 
     # The live-source stack entering each layer: (id, n, is a view of the received tensor).
     saved_stacks: dict[int, int] = {}
@@ -180,8 +184,11 @@ def chunk_activations(
         before, after = live(kv, layers, i), live(kv, layers, i + 1)
         if after != before:
             context = (i + 1, len(after), False) if after else None
+    if groups or x.fused_rope:
+        # RoPE frequencies (fp32 [s, 1, 1, d], one tensor per forward): a checkpoint's input,
+        # or what the fused RoPE keeps
+        out.add("rope frequencies", job.seq_length * x.d * 4)
     if groups:
-        out.add("recompute inputs", job.seq_length * x.d * 4)  # RoPE frequencies (fp32)
         out.recompute_group = max(
             sum(_layer_bytes(x, layer_plan[i], kv, False) for i in g) for g in groups
         )

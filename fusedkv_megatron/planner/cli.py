@@ -14,13 +14,19 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from dataclasses import replace
 
 from ..config import KVSharingConfig, KVSharingError
 from ..training.arguments import ArgumentError, build_parser, parse_args, validate_args
 from ..training.model_size import PEAK_BF16_TFLOPS, ModelShape, parameter_count
+from .comm import step_bytes
 from .context import describe_context_parallel, plan_context_parallel
+from .efficiency import Efficiency
+from .flops import TERM_NAMES, TERMS
+from .fusions import Fusions, add_fusion_flags
 from .layout import GiB, Job, Layout, Machine, PlanError
-from .search import Plan, plan, search
+from .network import Network, network_for
+from .search import Plan, bound_by, plan, search, ties, why_first
 
 PAPER_VOCAB = 128_000
 
@@ -46,8 +52,62 @@ def planner_parser() -> argparse.ArgumentParser:
         default=4.0,
         help="memory kept free for the CUDA context, NCCL and fragmentation (default 4 GiB)",
     )
+    net = Network()
+    g.add_argument(
+        "--nvlink-gbps",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help=f"per GPU and direction inside a node (default by --gpu-kind; H100/H200 "
+        f"SXM {net.intra_gbps:g})",
+    )
+    g.add_argument(
+        "--network-gbps",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help=f"per GPU and direction between nodes (default {net.inter_gbps:g}: one "
+        "400 Gb/s NIC per GPU)",
+    )
+    g.add_argument(
+        "--network-efficiency",
+        type=float,
+        default=None,
+        help=f"bus bandwidth a large collective reaches / link rate (default {net.efficiency:g})",
+    )
+    g.add_argument(
+        "--nvlink-latency-us",
+        type=float,
+        default=None,
+        help=f"per ring step inside a node (default {net.intra_latency_us:g})",
+    )
+    g.add_argument(
+        "--network-latency-us",
+        type=float,
+        default=None,
+        help=f"per ring step between nodes (default {net.inter_latency_us:g})",
+    )
     g = p.add_argument_group("planner")
-    g.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation")
+    eff = Efficiency()
+    g.add_argument(
+        "--gemm-efficiency",
+        type=float,
+        default=eff.ceiling,
+        help=f"share of the bf16 peak a large GEMM sustains (default {eff.ceiling:g}; "
+        "smaller GEMMs get less, docs/planner.md)",
+    )
+    g.add_argument(
+        "--gemm-knee",
+        type=float,
+        default=eff.knee,
+        help=f"GEMM dimension at which the efficiency halves (default {eff.knee:g})",
+    )
+    g.add_argument(
+        "--attention-efficiency",
+        type=float,
+        default=eff.attention,
+        help=f"attention model FLOPs / peak (default {eff.attention:g})",
+    )
     g.add_argument("--search", action="store_true", help="list the layouts that fit, best first")
     g.add_argument("--top", type=int, default=15, help="--search: rows to show (default 15)")
     g.add_argument(
@@ -57,6 +117,7 @@ def planner_parser() -> argparse.ArgumentParser:
         help="fused: TE / CUDA norms keep the bf16 input (GPU, default); composite: torch's "
         "RMSNorm as it runs on CPU keeps fp32 copies",
     )
+    add_fusion_flags(p)
     return p
 
 
@@ -85,7 +146,10 @@ def job_and_layout(args: argparse.Namespace, world_size: int) -> tuple[Job, Layo
         fusion_init=a.fusion_init,
     )
     precision = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
-    job = Job(shape, kv, a.seq_length, precision, a.make_vocab_size_divisible_by)
+    # A planner run plans a GPU run: the fusions are on unless opted out, whatever the
+    # trainer's CPU rules would make of them here.
+    fusions = Fusions.from_args(args, planner_parser())
+    job = Job(shape, kv, a.seq_length, precision, a.make_vocab_size_divisible_by, fusions)
     layout = Layout(
         tp=a.tensor_model_parallel_size,
         pp=a.pipeline_model_parallel_size,
@@ -100,8 +164,33 @@ def job_and_layout(args: argparse.Namespace, world_size: int) -> tuple[Job, Layo
         distributed_optimizer=a.use_distributed_optimizer,
         first_stage_layers=getattr(a, "num_layers_in_first_pipeline_stage", None),
         last_stage_layers=getattr(a, "num_layers_in_last_pipeline_stage", None),
+        overlap_grad_reduce=bool(getattr(a, "overlap_grad_reduce", False)),
+        overlap_param_gather=bool(getattr(a, "overlap_param_gather", False)),
     )
     return job, layout
+
+
+def machine_from_args(args: argparse.Namespace) -> Machine:
+    """The machine flags -> Machine (the network from the GPU kind, flags override)."""
+    net = network_for(args.gpu_kind)
+    overrides = {
+        "intra_gbps": args.nvlink_gbps,
+        "inter_gbps": args.network_gbps,
+        "efficiency": args.network_efficiency,
+        "intra_latency_us": args.nvlink_latency_us,
+        "inter_latency_us": args.network_latency_us,
+    }
+    net = replace(net, **{k: v for k, v in overrides.items() if v is not None})
+    net.check()
+    return Machine(
+        args.gpus_per_node, args.nodes, args.gpu_memory, args.gpu_kind, args.reserve_gb, net
+    )
+
+
+def efficiency_from_args(args: argparse.Namespace) -> Efficiency:
+    eff = Efficiency(args.gemm_efficiency, args.gemm_knee, args.attention_efficiency)
+    eff.check()
+    return eff
 
 
 def plan_from_argv(argv: list[str]) -> tuple[Plan, argparse.Namespace]:
@@ -109,14 +198,13 @@ def plan_from_argv(argv: list[str]) -> tuple[Plan, argparse.Namespace]:
     ArgumentError/PlanError/KVSharingError/ValueError for bad input, SystemExit for flags
     argparse rejects."""
     args = parse_args(argv, planner_parser())
-    machine = Machine(
-        args.gpus_per_node, args.nodes, args.gpu_memory, args.gpu_kind, args.reserve_gb
-    )
+    machine = machine_from_args(args)
     job, layout = job_and_layout(args, machine.gpus)
+    eff = efficiency_from_args(args)
     if args.context_parallel_size > 1:  # context.py: the sequence split over CP ranks
         cp = args.context_parallel_size
-        return plan_context_parallel(job, layout, machine, cp, args.mfu, args.norm_impl), args
-    return plan(job, layout, machine, args.mfu, args.norm_impl), args
+        return plan_context_parallel(job, layout, machine, cp, eff, args.norm_impl), args
+    return plan(job, layout, machine, eff, args.norm_impl), args
 
 
 def layout_flags(layout: Layout) -> list[str]:
@@ -152,7 +240,8 @@ def summary(p: Plan) -> str:
         f"{m.gpu_kind}, {m.reserve_gb:g} reserved): {'fits' if p.fits else 'DOES NOT FIT'}; "
         f"weights+grads+optimizer {gib(r.static)}, activations {gib(r.activations)} "
         f"({r.in_flight} microbatch(es) in flight), transient {gib(r.transient)}; "
-        f"{sp.tokens_per_s:,.0f} tokens/s, {sp.step_time_s:.2f} s/step at MFU {sp.mfu:.0%}"
+        f"{sp.tokens_per_s:,.0f} tokens/s, {sp.step_time_s:.2f} s/step (predicted MFU "
+        f"{sp.mfu:.0%}, bound by {bound_by(p)})"
     )
 
 
@@ -172,7 +261,10 @@ def describe_plan(p: Plan) -> str:
         f"global batch {lay.global_batch_size}, {j.precision}",
         f"machine: {m.nodes} node(s) x {m.gpus_per_node} {m.gpu_kind} ({m.gpu_memory_gb:g} GiB, "
         f"{m.reserve_gb:g} reserved -> {gib(m.usable_bytes)} usable); bf16 peak "
-        f"{m.peak_tflops:g} TFLOP/s, MFU {p.speed.mfu:.0%} assumed",
+        f"{m.peak_tflops:g} TFLOP/s; network {m.net.intra_gbps:g} GB/s in a node, "
+        f"{m.net.inter_gbps:g} GB/s between nodes per GPU (x{m.net.efficiency:g} reached"
+        f"{', H100 SXM figures assumed for this kind' if m.net.assumed else ''})",
+        f"fusions: {j.fusions.describe()}",
         f"layout: {lay.describe()}{'' if lay.distributed_optimizer else ' (no distributed optimizer)'}",
         "per GPU, GiB:  pp rank  params(M)  weights  grads  optim  activations (held)  "
         "transient  peak",
@@ -193,30 +285,62 @@ def describe_plan(p: Plan) -> str:
     verdict = "fits" if p.fits else "DOES NOT FIT"
     lines += [
         f"peak per GPU: {gib(p.peak)} GiB of {gib(m.usable_bytes)} usable -> {verdict}",
-        f"throughput: {sp.model_flops_per_step:.3e} model FLOPs/step, step {sp.step_time_s:.2f} s, "
-        f"{sp.tokens_per_s:,.0f} tokens/s (pipeline bubble +{sp.bubble:.0%}, recompute "
-        f"+{sp.recompute:.0%})",
+        f"communication per GPU and step, MiB: {comm_line(p)}",
+        f"step time, s: {terms_line(p)}",
+        f"throughput: {sp.model_flops_per_step:.3e} model FLOPs/step, step {sp.step_time_s:.3f} s, "
+        f"{sp.tokens_per_s:,.0f} tokens/s, predicted MFU {sp.mfu:.1%}; bound by {bound_by(p)}",
     ]
     return "\n".join(lines)
 
 
+def comm_line(p: Plan) -> str:
+    """Bytes per (group, op) of the busiest pipeline rank."""
+    worst = max(range(p.layout.pp), key=lambda r: sum(step_bytes(p.job, p.layout, r).values()))
+    got = step_bytes(p.job, p.layout, worst)
+    parts = [f"{g} {op.replace('_', '-')} {n / 2**20:,.1f}" for (g, op), n in sorted(got.items())]
+    return ", ".join(parts) or "none"
+
+
+def terms_line(p: Plan) -> str:
+    t = p.speed.terms
+    return ", ".join(f"{TERM_NAMES[k]} {t[k]:.3f}" for k in TERMS if t.get(k))
+
+
 def search_table(plans: list[Plan], top: int) -> str:
-    """The ranked layouts as a table."""
+    """The ranked layouts as a table: the step's terms, what bounds it, and ties."""
     head = (
-        " #  TP  SP  PP  VPP   DP  mbs    m  recompute  peak GiB  step s  tokens/s\n"
-        "--  --  --  --  ---  ---  ---  ---  ---------  --------  ------  ---------"
+        " #  TP  SP  PP  VPP   DP  mbs    m  recompute  peak GiB  compute     TP     DP     PP"
+        "  bubble  step s   tokens/s  bound by\n"
+        "--  --  --  --  ---  ---  ---  ---  ---------  --------  -------  -----  -----  -----"
+        "  ------  ------  ---------  --------"
     )
-    rows = [head]
-    for i, p in enumerate(plans[:top], 1):
-        lay = p.layout
+    rows, tie = [head], ties(plans)
+    for i, p in enumerate(plans[:top]):
+        lay, t = p.layout, p.speed.terms
+        mark = f"  (ties #{tie[i] + 1})" if tie[i] != i else ""
         rows.append(
-            f"{i:>2}  {lay.tp:>2}  {'on' if lay.sequence_parallel else '- ':>2}  {lay.pp:>2}  "
+            f"{i + 1:>2}  {lay.tp:>2}  {'on' if lay.sequence_parallel else '- ':>2}  {lay.pp:>2}  "
             f"{lay.vpp or 1:>3}  {lay.dp:>3}  {lay.micro_batch_size:>3}  "
             f"{lay.num_microbatches:>3}  {lay.recompute:>9}  {gib(p.peak):>8}  "
-            f"{p.speed.step_time_s:>6.2f}  {p.speed.tokens_per_s:>9,.0f}"
+            f"{t['compute'] + t['recompute']:>7.3f}  {t['tp']:>5.3f}  {t['dp']:>5.3f}  "
+            f"{t['pp']:>5.3f}  {t['bubble']:>6.3f}  {p.speed.step_time_s:>6.3f}  "
+            f"{p.speed.tokens_per_s:>9,.0f}  {bound_by(p)}{mark}"
         )
     if len(plans) > top:
         rows.append(f"... {len(plans) - top} more (--top N)")
+    groups = sum(1 for i, j in enumerate(tie) if i != j)
+    if not groups and plans:
+        rows.append(
+            f"no ties: each of the {len(plans)} layouts has its own predicted step time (rows "
+            "closer than 1% are within the model's error, docs/planner.md)"
+        )
+    if groups:
+        rows.append(
+            f"{groups} layout(s) tie with a better-ranked one (the same predicted step time): "
+            "they are ordered by headroom, less model parallelism, larger micro-batch. The "
+            "model's assumptions (docs/planner.md) are coarser than 1%: rows closer than that "
+            "are a toss-up"
+        )
     return "\n".join(rows)
 
 
@@ -232,13 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.search:
         return 0 if given.fits else 1
     job, layout, machine = given.job, given.layout, given.machine
-    found = search(job, machine, layout.global_batch_size, layout, args.mfu, args.norm_impl)
+    eff = efficiency_from_args(args)
+    found = search(job, machine, layout.global_batch_size, layout, eff, args.norm_impl)
     print(
         f"\nlayouts that fit {machine.nodes} x {machine.gpus_per_node} x "
         f"{args.gpu_memory:g} GiB at global batch {layout.global_batch_size}, best estimated "
-        f"throughput first (ties: headroom, then less model parallelism, larger micro-batch):"
+        f"throughput first; step-time terms in seconds:"
     )
     print(search_table(found, args.top) if found else "none")
+    if found:
+        print("\nwhy the first:\n" + why_first(found))
     return 0 if found else 1
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .efficiency import Efficiency
 from .flops import Throughput, throughput
 from .layout import Job, Layout, Machine, PlanError
 from .search import Plan, plan
@@ -35,27 +36,33 @@ def gathered_kv_bytes(job: Job, layout: Layout, cp: int) -> int:
 
 
 def plan_context_parallel(
-    job: Job, layout: Layout, machine: Machine, cp: int, mfu: float = 0.4, norm: str = "fused"
+    job: Job,
+    layout: Layout,
+    machine: Machine,
+    cp: int,
+    eff: Efficiency | None = None,
+    norm: str = "fused",
 ) -> Plan:
     """The plan of `layout` (its dp is the data-parallel size without CP) run with CP=`cp`."""
     if job.seq_length % (2 * cp):
         raise PlanError(f"seq_length={job.seq_length} is not divisible by 2 x CP={2 * cp}")
     local_job = replace(job, seq_length=job.seq_length // cp)
-    local = plan(local_job, replace(layout, dp=layout.dp * cp), machine, mfu, norm)
+    local = plan(local_job, replace(layout, dp=layout.dp * cp), machine, eff, norm)
     per_chunk_layers = job.shape.num_layers // (layout.pp * (layout.vpp or 1))
     kept = (
         0 if layout.recompute == "full" else per_chunk_layers * gathered_kv_bytes(job, layout, cp)
     )
     ranks = tuple(replace(r, activations=r.activations + r.in_flight * kept) for r in local.ranks)
     # All tokens of the real global batch, attention over the whole sequence.
-    full = throughput(job, local.layout, machine, mfu)
+    full = throughput(job, local.layout, machine, eff)
     speed = Throughput(
         full.model_flops_per_step / cp,
-        mfu,
+        full.mfu,
         full.step_time_s / cp,
         full.tokens_per_s,
         full.bubble,
         full.recompute,
+        {k: v / cp for k, v in full.terms.items()},
     )
     return Plan(job, layout, machine, ranks, speed)
 

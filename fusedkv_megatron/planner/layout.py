@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from ..config import KVSharingConfig, KVSharingError
 from ..fusion import LayerPlan, Source, layer_plans, live_sources
 from ..training.model_size import PEAK_BF16_TFLOPS, ModelShape, gpu_peak_tflops, padded_vocab
+from .fusions import Fusions
+from .network import Network, network_for
 
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -44,6 +46,8 @@ class Layout:
     distributed_optimizer: bool = True
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    overlap_grad_reduce: bool = False  # DP gradient reduce during backward
+    overlap_param_gather: bool = False  # distributed optimizer's gather during the next forward
 
     @property
     def global_batch_size(self) -> int:
@@ -75,6 +79,11 @@ class Machine:
     gpu_memory_gb: float
     gpu_kind: str = "H100"
     reserve_gb: float = 4.0
+    network: Network | None = None  # None: the GPU kind's default (network.py)
+
+    @property
+    def net(self) -> Network:
+        return self.network if self.network is not None else network_for(self.gpu_kind)
 
     @property
     def gpus(self) -> int:
@@ -105,6 +114,7 @@ class Job:
     seq_length: int
     precision: str = "bf16"
     make_vocab_size_divisible_by: int = 128
+    fusions: Fusions = Fusions()
 
     @property
     def bytes_per_element(self) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..training.model_size import _layer_matmul_params
 from .activations import ChunkActivations, chunk_activations, logits_transient
+from .comm import chunk_parameter_tensors
 from .layout import Chunk, Job, Layout, chunks, plans
 
 
@@ -132,6 +133,10 @@ def rank_memory(job: Job, layout: Layout, pp_rank: int, norm_impl: str = "fused"
     transient += max(a.largest_layer for a in acts.values())
     if any(c.last for c in mine):
         transient += logits_transient(job, layout)
+    if not job.fusions.gradient_accumulation:
+        # the weight gradient is made in the compute dtype, then added to the fp32 main grad
+        largest = max(max(chunk_parameter_tensors(job, layout, c)) for c in mine)
+        transient += largest * job.bytes_per_element
     return RankMemory(
         pp_rank=pp_rank,
         parameters=params,

@@ -1,12 +1,14 @@
 """One layout's plan (memory per rank, throughput, whether it fits) and the search over
-layouts that fit a machine, best estimated throughput first."""
+layouts that fit a machine, best estimated throughput first, with what each row is bound by
+and why the first row wins."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from ..config import KVSharingError
-from .flops import Throughput, throughput
+from .efficiency import Efficiency
+from .flops import TERM_NAMES, Throughput, throughput
 from .layout import Job, Layout, Machine, PlanError, check
 from .memory import RankMemory, memory_per_rank
 
@@ -34,7 +36,11 @@ class Plan:
 
 
 def plan(
-    job: Job, layout: Layout, machine: Machine, mfu: float = 0.4, norm_impl: str = "fused"
+    job: Job,
+    layout: Layout,
+    machine: Machine,
+    eff: Efficiency | None = None,
+    norm_impl: str = "fused",
 ) -> Plan:
     """Memory and throughput of `layout`; raises PlanError/KVSharingError if it cannot run."""
     check(job, layout)
@@ -44,7 +50,7 @@ def plan(
             f"{machine.nodes} x {machine.gpus_per_node} = {machine.gpus}"
         )
     ranks = tuple(memory_per_rank(job, layout, norm_impl))
-    return Plan(job, layout, machine, ranks, throughput(job, layout, machine, mfu))
+    return Plan(job, layout, machine, ranks, throughput(job, layout, machine, eff))
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -92,16 +98,16 @@ def search(
     machine: Machine,
     global_batch_size: int,
     base: Layout | None = None,
-    mfu: float = 0.4,
+    eff: Efficiency | None = None,
     norm_impl: str = "fused",
 ) -> list[Plan]:
-    """Every candidate layout that fits, best estimated throughput first; among equals, a
-    layout with headroom (peak within 90% of the usable memory) first, then less model
-    parallelism (fewer TP x PP GPUs), then larger micro-batches."""
+    """Every candidate layout that fits, best estimated throughput first; among equals (see
+    `ties`), a layout with headroom (peak within 90% of the usable memory) first, then less
+    model parallelism (fewer TP x PP GPUs), then larger micro-batches."""
     found = []
     for layout in candidates(job, machine, global_batch_size, base or Layout()):
         try:
-            p = plan(job, layout, machine, mfu, norm_impl)
+            p = plan(job, layout, machine, eff, norm_impl)
         except (PlanError, KVSharingError):
             continue
         if p.fits:
@@ -109,7 +115,7 @@ def search(
     return sorted(
         found,
         key=lambda p: (
-            -round(p.speed.tokens_per_s, 6),
+            -round(p.speed.tokens_per_s, 3),
             p.peak > 0.9 * p.machine.usable_bytes,
             p.layout.tp * p.layout.pp,
             p.layout.vpp or 1,
@@ -119,4 +125,70 @@ def search(
     )
 
 
-__all__ = ["Plan", "candidates", "plan", "search"]
+def tied(a: Plan, b: Plan) -> bool:
+    """The same predicted throughput (to one part in a million: the model gives both layouts
+    the same step time, e.g. they differ only in what it does not model)."""
+    x, y = a.speed.tokens_per_s, b.speed.tokens_per_s
+    return abs(x - y) <= 1e-6 * max(x, y)
+
+
+def ties(plans: list[Plan]) -> list[int]:
+    """For each ranked plan, the rank (0-based) of the first plan it ties with."""
+    out = []
+    for i, p in enumerate(plans):
+        j = i
+        while j > 0 and tied(plans[j - 1], p):
+            j -= 1
+        out.append(out[j] if j < i else i)
+    return out
+
+
+def bound_by(p: Plan) -> str:
+    """What the step time of a plan is mostly made of: the largest term, and the largest
+    overhead when compute leads."""
+    sp = p.speed
+    head = TERM_NAMES[sp.dominant]
+    if sp.dominant in ("compute", "recompute"):
+        over = sp.largest_overhead
+        share = sp.terms[over] / sp.step_time_s
+        if share >= 0.005:
+            head += f" (then {TERM_NAMES[over]} {share:.0%})"
+    return head
+
+
+def why_first(plans: list[Plan]) -> str:
+    """Why the first plan ranks first: the step-time terms where it beats the best plan of
+    a different model-parallel shape (TP, PP, VPP) and the runner-up."""
+    if not plans:
+        return ""
+    best = plans[0]
+    shape = (best.layout.tp, best.layout.pp, best.layout.vpp)
+    others = [p for p in plans[1:] if (p.layout.tp, p.layout.pp, p.layout.vpp) != shape]
+    rivals = [q for q in (plans[1] if len(plans) > 1 else None, others[0] if others else None)
+              if q is not None]  # fmt: skip
+    lines = [f"#1 {best.layout.describe()}: {best.speed.tokens_per_s:,.0f} tokens/s, "
+             f"step {best.speed.step_time_s:.3f} s, bound by {bound_by(best)}"]  # fmt: skip
+    seen = set()
+    for q in rivals:
+        if id(q) in seen:
+            continue
+        seen.add(id(q))
+        rank = plans.index(q) + 1
+        gap = q.speed.step_time_s - best.speed.step_time_s
+        diffs = sorted(
+            ((q.speed.terms[k] - best.speed.terms[k], k) for k in best.speed.terms),
+            reverse=True,
+        )
+        parts = [f"{TERM_NAMES[k]} {d:+.3f} s" for d, k in diffs if abs(d) >= 5e-4]
+        if tied(best, q):
+            verdict = "ties with"
+        else:
+            verdict = f"is {gap:.3f} s/step faster than"
+        lines.append(
+            f"   {verdict} #{rank} {q.layout.describe()}: its step differs by "
+            f"{', '.join(parts) or 'nothing measurable'}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["Plan", "bound_by", "candidates", "plan", "search", "tied", "ties", "why_first"]

@@ -25,6 +25,7 @@ from ..context_parallel import batch_on_this_rank
 from ..pipeline import pipeline_schedule_kwargs
 from .batches import microbatch_iterators
 from .checkpointing import TrainState
+from .memory_report import MemoryReport
 from .reporting import fusion_weight_stats
 
 
@@ -112,6 +113,7 @@ class Trainer:
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.inject_nan_iters = set(self.args.inject_nan_iters or ())
+        self.memory = MemoryReport(rt)  # the planner's peak, then measured against it
 
     def _data(self, dataset, consumed: int):
         its = microbatch_iterators(
@@ -195,7 +197,8 @@ class Trainer:
                 a.exit_duration_in_mins is not None
                 and (time.time() - start_time) / 60.0 > a.exit_duration_in_mins
             )
-            step = self.train_step(state, data, time_up)
+            with self.memory.watch():
+                step = self.train_step(state, data, time_up)
             state.iteration += 1
             state.consumed_train_samples += a.global_batch_size
             state.skipped_iters += int(step.skipped)
