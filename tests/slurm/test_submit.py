@@ -101,7 +101,7 @@ def test_dry_run_renders_the_presets_layout(name):
     assert '--load "$CKPT_DIR"' in s and '--tensorboard-dir "$TB_DIR"' in s
     # srun one task per node, torchrun per GPU, c10d rendezvous on the first node
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in s
-    assert "--rdzv-backend=c10d" in s and '--rdzv-endpoint="$head_node:$rdzv_port"' in s
+    assert "--rdzv-backend=c10d" in s and '--rdzv-endpoint="$rdzv_host:$rdzv_port"' in s
     assert "TRITON_CACHE_DIR" in s
     assert "{{" not in s
     syntax = subprocess.run(["bash", "-n"], input=s, capture_output=True, text=True)
@@ -281,9 +281,14 @@ FAKE_TRAINER = """\
 import json, os, signal, sys, time
 argv = sys.argv[1:]
 log = os.environ["FAKE_CALLS"]
+if argv[0].endswith("/slurm/node_check.py"):  # the node's checks before torchrun
+    with open(log, "a") as f:
+        f.write(f"node-check {os.environ['SLURMD_NODENAME']} {os.environ['RDZV_HOST']}:"
+                f"{os.environ['RDZV_PORT']}\\n")
+    sys.exit(int(os.environ.get("FAKE_NODE_CHECK_RC", "0")))
 with open(log, "a") as f:
     f.write("trainer " + json.dumps(argv) + "\\n")
-    f.write(f"rdzv-conf {os.environ.get('PET_RDZV_CONF')}\\n")
+    f.write(f"rdzv-conf {os.environ.get('PET_RDZV_CONF').split(',')[0]}\\n")
 def value(flag):
     return argv[argv.index(flag) + 1] if flag in argv else None
 ckpt = value("--save")
