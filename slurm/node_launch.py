@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Checks each node of a job runs before torchrun starts (slurm/job.sbatch.in, NODE_SCRIPT).
+"""One node's launcher in a SLURM job (the srun task, see slurm/job.sbatch.in): check what a
+multi-node launch needs, then run torchrun in this process.
+
+    python slurm/node_launch.py TORCHRUN_ARGS...
 
 A multi-node launch that cannot work usually fails late and unclearly: a rendezvous host that
 does not resolve, a rendezvous port that another job holds (the workers wait until the
 rendezvous times out), or a hostname that resolves to a loopback address, which gloo then
-advertises to the other nodes ("Gloo connectFullMesh failed ... 127.0.0.1"). Each is found here
-in a second and reported in one line that names the node, the value and the fix; the node's task
-then exits 2, and srun's --kill-on-bad-exit ends the others.
+advertises to the other nodes ("Gloo connectFullMesh failed ... 127.0.0.1"). Each is found
+here in a second, before torch is imported, and reported in one line that names the node, the
+value and the fix; the node's task then exits 2, and srun's --kill-on-bad-exit ends the
+others. A node that does not join the rendezvous in time ends torchrun with one line too,
+instead of its traceback.
 
-Standard library only (it runs with the job's python, before anything is imported). Reads the
-job's environment: RDZV_HEAD, RDZV_HOST, RDZV_PORT, SLURM_JOB_NUM_NODES, SLURMD_NODENAME, PET_LOCAL_ADDR,
-SLURM_NODEID, GLOO_SOCKET_IFNAME.
+Reads the job's environment: RDZV_HEAD, RDZV_HOST, RDZV_PORT, RDZV_TIMEOUT_S,
+SLURM_JOB_NUM_NODES, SLURMD_NODENAME, SLURM_NODEID, PET_LOCAL_ADDR, GLOO_SOCKET_IFNAME.
 """
 
 from __future__ import annotations
@@ -134,24 +138,56 @@ def check_port_free(port: int) -> None:
                     raise
 
 
-def main() -> int:
-    env = os.environ
-    node = env.get("SLURMD_NODENAME") or socket.gethostname()
-    where = f"[node {env.get('SLURM_NODEID', '?')} {node}]"
-    head, host = env["RDZV_HEAD"], env["RDZV_HOST"]
+def check_node(env) -> None:
+    """All checks of this node; NodeCheckError names the first problem."""
+    node, head = env.get("SLURMD_NODENAME") or socket.gethostname(), env["RDZV_HEAD"]
+    check_rendezvous_host(env["RDZV_HOST"], head)
+    check_local_addr(env.get("PET_LOCAL_ADDR"))
+    check_socket_interface(int(env.get("SLURM_JOB_NUM_NODES", "1")), env.get("GLOO_SOCKET_IFNAME"))
+    if node == head:
+        check_port_free(int(env["RDZV_PORT"]))
+
+
+def run_torchrun(argv: list[str], env, where: str) -> int:
+    """torchrun's main in this process; a rendezvous timeout becomes one line."""
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
     try:
-        check_rendezvous_host(host, head)
-        check_local_addr(env.get("PET_LOCAL_ADDR"))
-        check_socket_interface(
-            int(env.get("SLURM_JOB_NUM_NODES", "1")), env.get("GLOO_SOCKET_IFNAME")
+        run.main(argv)
+    except SignalException as e:  # torchrun stopped its workers first
+        print(
+            f"{where} torchrun got {e.sigval.name}: SLURM is ending this node's task (another "
+            "node failed, scancel, or the time limit)",
+            file=sys.stderr,
+            flush=True,
         )
-        if node == head:
-            check_port_free(int(env["RDZV_PORT"]))
-    except NodeCheckError as e:
-        print(f"{where} error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 128 + int(e.sigval)
+    except RendezvousTimeoutError:
+        nnodes = env.get("SLURM_JOB_NUM_NODES", "?")
+        print(
+            f"{where} error: the rendezvous at {env['RDZV_HOST']}:{env['RDZV_PORT']} timed out "
+            f"after {env.get('RDZV_TIMEOUT_S', '?')} s: not all {nnodes} nodes joined. A node "
+            "started late (raise slurm/submit.py --rdzv-timeout, e.g. for container pulls) or "
+            f"cannot reach {env['RDZV_HOST']}:{env['RDZV_PORT']} (firewall, routing)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 
+def main(argv: list[str]) -> int:
+    env = os.environ
+    where = f"[node {env.get('SLURM_NODEID', '?')} {env.get('SLURMD_NODENAME', '?')}]"
+    try:
+        check_node(env)
+    except NodeCheckError as e:
+        print(f"{where} error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return run_torchrun(argv, env, where) if argv else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

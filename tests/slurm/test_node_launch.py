@@ -1,4 +1,4 @@
-"""slurm/node_check.py, the checks each node of a job runs before torchrun: each problem a
+"""slurm/node_launch.py, the checks each node of a job runs before torchrun: each problem a
 multi-node launch meets gives one line naming the value and the fix, and exit code 2."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "slurm"))
-import node_check  # noqa: E402
+import node_launch  # noqa: E402
 
 
 def run_check(**env: str) -> subprocess.CompletedProcess:
@@ -24,11 +24,11 @@ def run_check(**env: str) -> subprocess.CompletedProcess:
         SLURM_JOB_NUM_NODES="1",
         RDZV_HEAD="nodeA",
         RDZV_HOST="localhost",
-        RDZV_PORT="1",  # not checked unless this node is the head
+        RDZV_PORT="1",  # checked on the head only
     )
     base.update(env)
     return subprocess.run(
-        [sys.executable, str(REPO / "slurm" / "node_check.py")],
+        [sys.executable, str(REPO / "slurm" / "node_launch.py")],
         env=base,
         capture_output=True,
         text=True,
@@ -68,12 +68,12 @@ def test_rendezvous_port_taken_on_the_head():
 
 def test_loopback_hostname_needs_a_socket_interface(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "localhost")
-    with pytest.raises(node_check.NodeCheckError, match="--socket-ifname IFACE") as e:
-        node_check.check_socket_interface(2, None)
+    with pytest.raises(node_launch.NodeCheckError, match="--socket-ifname IFACE") as e:
+        node_launch.check_socket_interface(2, None)
     assert "'localhost' resolves to " in str(e.value) and "loopback" in str(e.value)
-    node_check.check_socket_interface(1, None)  # one node: loopback is fine
-    monkeypatch.setattr(node_check, "interfaces", lambda: ["eth0", "ib0"])
-    node_check.check_socket_interface(2, "ib0")
-    with pytest.raises(node_check.NodeCheckError, match="no interface ib1 on this node") as e:
-        node_check.check_socket_interface(2, "eth0,ib1")
+    node_launch.check_socket_interface(1, None)  # one node: loopback is fine
+    monkeypatch.setattr(node_launch, "interfaces", lambda: ["eth0", "ib0"])
+    node_launch.check_socket_interface(2, "ib0")
+    with pytest.raises(node_launch.NodeCheckError, match="no interface ib1 on this node") as e:
+        node_launch.check_socket_interface(2, "eth0,ib1")
     assert "it has eth0, ib0" in str(e.value)
