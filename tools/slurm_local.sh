@@ -93,9 +93,9 @@ SlurmdPidFile=$SLURMD_PID
 SlurmdLogFile=$LOGS/slurmd.log"
     else
         ctld="$HOST($CTLD_ADDR)"
-        # The nodes share this machine's cores and memory. Each advertises at least 4 CPUs so
+        # The nodes share this machine's cores and memory. Each advertises at least 8 CPUs so
         # that the tests' jobs run side by side; config_overrides makes slurmd accept that.
-        (( cpus < 4 )) && cpus=4
+        (( cpus < 8 )) && cpus=8
         node_lines=""
         for i in $(seq 1 "$nodes"); do
             node_lines+="NodeName=$NODE_PREFIX$i NodeAddr=$NET.$((10 + i)) CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"$'\n'
