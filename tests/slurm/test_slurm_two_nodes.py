@@ -70,6 +70,11 @@ def submit_two_node_jobs(basetemp: Path) -> dict[str, dict]:
     root.mkdir(exist_ok=True)
     net = ["--socket-ifname", IFNAME]
     short = [*clock.training_flags(data, PP_ITERS), "--pipeline-model-parallel-size", "2"]
+    kill_submit = [*TWO_NODES, *net, "--time", "01:00:00", "--max-restarts", "0",
+                   "--trainer-module", "tests.slurm.paced_pretrain"]  # fmt: skip
+    kill_train = [*clock.training_flags(data, 1000),
+                  "--distributed-timeout-minutes", str(DIST_TIMEOUT_MIN)]  # fmt: skip
+    nojoin = [*TWO_NODES, *net, "--rdzv-timeout", str(JOIN_TIMEOUT_S)]
     jobs = {
         # the same training as the one-node time-limit job, one process on each node
         "dp": clock.submit(
@@ -78,41 +83,19 @@ def submit_two_node_jobs(basetemp: Path) -> dict[str, dict]:
         "pp2": clock.submit(root, "fkv2-pp", [*TWO_NODES, *net], short),
         "pp1": clock.submit(root, "fkv1-pp", ["--nodes", "1", "--nproc-per-node", "2"], short),
         # paced (6 s per iteration) and long: still training when a node is killed
-        "kill": clock.submit(
-            root,
-            "fkv2-kill",
-            [
-                *TWO_NODES,
-                *net,
-                "--time",
-                "01:00:00",
-                "--max-restarts",
-                "0",
-                "--trainer-module",
-                "tests.slurm.paced_pretrain",
-            ],
-            [
-                *clock.training_flags(data, 1000),
-                "--distributed-timeout-minutes",
-                str(DIST_TIMEOUT_MIN),
-            ],
-        ),  # fmt: skip
+        "kill": clock.submit(root, "fkv2-kill", kill_submit, kill_train),
         "badhost": clock.submit(
             root, "fkv2-badhost", [*TWO_NODES, *net, "--rdzv-host", "{node}.invalid"], short
         ),
         "loopback": clock.submit(root, "fkv2-loopback", TWO_NODES, short),
-        "nojoin": clock.submit(
-            root,
-            "fkv2-nojoin",
-            [*TWO_NODES, *net, "--rdzv-timeout", str(JOIN_TIMEOUT_S)],
-            short,
-            python=_late_python(root),
-        ),  # fmt: skip
+        "nojoin": clock.submit(root, "fkv2-nojoin", nojoin, short, python=_late_python(root)),
     }
     # The node is killed as soon as the job trains, not when its test runs: the job then
     # holds no memory through the rest of the suite.
     kill = jobs["kill"]
-    kill["killer"] = threading.Thread(target=_kill_second_node_when_training, args=(kill,))
+    kill["killer"] = threading.Thread(
+        target=_kill_second_node_when_training, args=(kill,), daemon=True
+    )
     kill["killer"].start()
     return jobs
 
