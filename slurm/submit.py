@@ -203,10 +203,92 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="submit even if the planner predicts the layout does not fit",
     )
+    add_multinode_flags(p)
     p.add_argument("--trainer-module", default=TRAINER[1], help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting")
     p.add_argument("--parsable", action="store_true", help="print only the job id")
     return p
+
+
+# --- multi-node launch: rendezvous and network (docs/slurm.md, "Several nodes") ---
+DEFAULT_RDZV_TIMEOUT_S = 600  # torchrun's own join timeout
+
+
+def add_multinode_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several nodes (rendezvous and network)")
+    g.add_argument(
+        "--socket-ifname",
+        default=None,
+        metavar="IFACE",
+        help="the network interface the nodes talk over: sets GLOO_SOCKET_IFNAME and "
+        "NCCL_SOCKET_IFNAME (e.g. eth0, ib0). Needed where a node's hostname resolves to a "
+        "loopback address; the job checks that and names this flag",
+    )
+    g.add_argument(
+        "--rdzv-host",
+        default="{node}",
+        metavar="NAME",
+        help="the rendezvous host as every node resolves it; {node} is the first node of the "
+        "allocation (default: {node}; e.g. {node}-ib or {node}.cluster.example)",
+    )
+    g.add_argument(
+        "--rdzv-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="the rendezvous port on the first node (default: 20000 + job id mod 20000)",
+    )
+    g.add_argument(
+        "--rdzv-timeout",
+        type=int,
+        default=DEFAULT_RDZV_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long the nodes wait for each other at the rendezvous before the job fails "
+        f"(default {DEFAULT_RDZV_TIMEOUT_S}; raise it where nodes start slowly, e.g. "
+        "container pulls)",
+    )
+
+
+def check_multinode(opts: argparse.Namespace) -> None:
+    if opts.socket_ifname is not None and not re.fullmatch(
+        r"[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*", opts.socket_ifname
+    ):
+        raise SubmitError(
+            f"--socket-ifname {opts.socket_ifname!r} is not an interface name (or a "
+            "comma-separated list of them), e.g. eth0 or ib0"
+        )
+    host = opts.rdzv_host
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", host.replace("{node}", "node")):
+        raise SubmitError(
+            f"--rdzv-host {host!r}: use a host name, where {{node}} stands for the first node "
+            "(e.g. {node}-ib)"
+        )
+    if opts.rdzv_port is not None and not 1024 <= opts.rdzv_port <= 65535:
+        raise SubmitError(f"--rdzv-port {opts.rdzv_port} must be in 1024-65535")
+    if opts.rdzv_timeout < 1:
+        raise SubmitError(f"--rdzv-timeout {opts.rdzv_timeout} must be >= 1 second")
+
+
+def multinode_env(opts: argparse.Namespace) -> list[str]:
+    if opts.socket_ifname is None:
+        return []
+    q = shlex.quote(opts.socket_ifname)
+    return [
+        "# --socket-ifname: gloo and NCCL's bootstrap use this interface between the nodes.",
+        f"export GLOO_SOCKET_IFNAME={q}",
+        f"export NCCL_SOCKET_IFNAME={q}",
+    ]
+
+
+def multinode_values(opts: argparse.Namespace) -> dict[str, str]:
+    return {
+        "RDZV_HOST": shlex.quote(opts.rdzv_host),
+        "RDZV_PORT": "" if opts.rdzv_port is None else str(opts.rdzv_port),
+        "RDZV_TIMEOUT": str(opts.rdzv_timeout),
+    }
+
+
+# --- end of multi-node launch ---
 
 
 def _layout(preset: Preset, nodes: int, gpus: int | None = None) -> str:
@@ -285,6 +367,7 @@ def resolve(opts: argparse.Namespace, extra: list[str]) -> dict:
         )
     if opts.max_restarts < 0:
         raise SubmitError(f"--max-restarts {opts.max_restarts} must be >= 0")
+    check_multinode(opts)
 
     config = (
         Path(opts.config) if opts.config else REPO / "examples" / "configs" / f"{preset.name}.yaml"
@@ -409,6 +492,7 @@ def render(opts: argparse.Namespace, extra: list[str]) -> tuple[str, dict]:
             "# A CPU run (gloo): hide any GPU so every rank takes the CPU path.",
             'export CUDA_VISIBLE_DEVICES=""',
         ]
+    env += multinode_env(opts)
     env.append("# Triton's kernel cache goes on node-local disk (see NODE_SCRIPT): shared file")
     env.append("# systems make its many small files slow and racy across nodes.")
 
@@ -432,6 +516,7 @@ def render(opts: argparse.Namespace, extra: list[str]) -> tuple[str, dict]:
         "TRAINER_ARGS": " ".join(q(x) for x in r["trainer_args"]),
         "SRUN_EXTRA": " ".join(q(x) for x in srun_extra),
         "ENV_EXPORTS": "\n".join(env),
+        **multinode_values(opts),
     }
     text = TEMPLATE.read_text()
     for key, value in values.items():

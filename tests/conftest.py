@@ -146,7 +146,8 @@ def free_dead_ddp_models() -> None:
     gc.collect()
 
 
-SLURM_CLOCK_TESTS = "tests/slurm/test_slurm_cluster.py"
+# SLURM tests whose jobs are submitted when the session starts; they run last.
+SLURM_CLOCK_TESTS = ("tests/slurm/test_slurm_cluster.py", "tests/slurm/test_slurm_two_nodes.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -160,12 +161,20 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _submit_slurm_job_early(request, tmp_path_factory):
-    if not any(item.nodeid.startswith(SLURM_CLOCK_TESTS) for item in request.session.items):
+    """The one-node time-limit job (and, with two nodes up, the two-node jobs that compare
+    with it) go to SLURM now; otherwise the tests skip or fail with the reason."""
+    selected = {f for item in request.session.items for f in SLURM_CLOCK_TESTS
+                if item.nodeid.startswith(f)}  # fmt: skip
+    if not selected:
         return
     from tests.slurm import test_slurm_cluster as clock
 
-    if clock._slurm_problem() is None:  # otherwise the tests skip or fail with the reason
+    if clock._slurm_problem() is None:
         clock.EARLY_JOB = clock.submit_time_limited_job(tmp_path_factory.getbasetemp())
+    if SLURM_CLOCK_TESTS[1] in selected and clock._slurm_problem(nodes=2) is None:
+        from tests.slurm import test_slurm_two_nodes as two
+
+        two.EARLY_JOBS = two.submit_two_node_jobs(tmp_path_factory.getbasetemp())
 
 
 def pytest_runtest_logfinish(nodeid, location):

@@ -50,8 +50,9 @@ def _run(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def _slurm_problem() -> str | None:
-    """Why no job can run here, or None when a controller answers and a node is up."""
+def _slurm_problem(nodes: int = 1) -> str | None:
+    """Why no job of `nodes` nodes can run here, or None when a controller answers and that
+    many nodes are up."""
     if shutil.which("sbatch") is None:
         return "sbatch not found"
     try:
@@ -59,11 +60,16 @@ def _slurm_problem() -> str | None:
         if ping.returncode != 0 or " is UP" not in ping.stdout:
             first = (ping.stdout + ping.stderr).strip().splitlines()[:1]
             return f"no SLURM controller answers ({' '.join(first) or 'scontrol ping failed'})"
-        nodes = _run("sinfo", "-h", "-o", "%t %c", timeout=15).stdout.split("\n")
+        states = _run("sinfo", "-h", "-N", "-o", "%N %t", timeout=15).stdout.split("\n")
     except subprocess.TimeoutExpired:
         return "scontrol/sinfo timed out"
-    if not any(n.split()[0].rstrip("*") in ("idle", "mix", "alloc") for n in nodes if n.strip()):
-        return f"no SLURM node is up (sinfo: {nodes})"
+    up = {
+        n.split()[0]
+        for n in states
+        if n.strip() and n.split()[1].rstrip("*") in ("idle", "mix", "alloc")
+    }
+    if len(up) < nodes:
+        return f"{len(up)} SLURM node(s) up, {nodes} needed (sinfo: {[n for n in states if n]})"
     return None
 
 
@@ -83,50 +89,81 @@ def _wait_for(predicate, timeout: float, what: str, log: Path):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; log tail:\n{tail}")
 
 
-def submit_time_limited_job(basetemp: Path) -> dict:
-    """Submit the tiny preset with a short time limit; returns the job's id and paths. Called
-    at the start of the session by tests/conftest.py (so the job's minutes of waiting for its
-    signal overlap the other tests) or by `time_limited_run` when that did not happen."""
-    from fusedkv_megatron.data.datasets import prepare_default_data
-
-    # the embedded corpus, shared with the trainer tests of the same session
-    data = prepare_default_data(str(basetemp / "trainer_default_data"), vocab_size=2000)
-    root = basetemp / "slurm"
-    root.mkdir(exist_ok=False)
-    run_dir, log_dir = root / "run", root / "logs"
-    # The tiny preset (2 gloo processes, DP=2) and config, with a smaller batch and sequence so
-    # that 2 CPU cores train it in seconds.
-    cmd = [
-        sys.executable, str(REPO / "slurm" / "submit.py"), "--parsable", "--preset", "tiny",
-        "--job-name", "fusedkv-slurm-test", "--time", f"00:{TIME_LIMIT_S // 60:02d}:00",
-        "--signal-grace", str(GRACE_S), "--exit-margin", "0", "--max-restarts", "3",
-        "--trainer-module", "tests.slurm.paced_pretrain", "--run-dir", str(run_dir),
-        "--log-dir", str(log_dir), "--python", sys.executable,
-        "--", "--data-path", data["train_data_prefix"], "--tokenizer-model", data["tokenizer_model"],
-        "--train-iters", str(TRAIN_ITERS), "--seq-length", "64", "--micro-batch-size", "2",
+def training_flags(data: dict, train_iters: int = TRAIN_ITERS) -> list[str]:
+    """The trainer flags of the SLURM tests' runs: the tiny preset's model on the embedded
+    corpus, with a smaller batch and sequence so that 2 CPU cores train it in seconds."""
+    return [
+        "--data-path", data["train_data_prefix"], "--tokenizer-model", data["tokenizer_model"],
+        "--train-iters", str(train_iters), "--seq-length", "64", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--lr-warmup-iters", "2", "--log-interval", "1",
         "--eval-interval", "1000", "--eval-iters", "1", "--save-interval", "1000",
+    ]  # fmt: skip
+
+
+def session_data(basetemp: Path) -> dict:
+    """The embedded corpus, prepared once per session (shared with the trainer tests)."""
+    from fusedkv_megatron.data.datasets import prepare_default_data
+
+    return prepare_default_data(str(basetemp / "trainer_default_data"), vocab_size=2000)
+
+
+def submit(
+    root: Path, name: str, submit_args: list[str], trainer_args: list[str], python: str = ""
+) -> dict:
+    """slurm/submit.py --preset tiny with a run and log dir under `root`/`name`; returns the
+    job's id, log and run dir."""
+    run_dir, log_dir = root / name / "run", root / name / "logs"
+    cmd = [
+        sys.executable, str(REPO / "slurm" / "submit.py"), "--parsable", "--preset", "tiny",
+        "--job-name", name, "--run-dir", str(run_dir), "--log-dir", str(log_dir),
+        "--python", python or sys.executable, *submit_args, "--", *trainer_args,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=60)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
-    return dict(job_id=job_id, log=log_dir / f"fusedkv-slurm-test-{job_id}.out", run_dir=run_dir)
+    return dict(job_id=job_id, log=log_dir / f"{name}-{job_id}.out", run_dir=run_dir)
+
+
+def time_limited_args(nodes: int, nproc: int) -> list[str]:
+    """submit.py options of a job that only SLURM's time-limit signal stops in its first
+    start, which runs paced (tests/slurm/paced_pretrain.py)."""
+    return [
+        "--nodes", str(nodes), "--nproc-per-node", str(nproc),
+        "--time", f"00:{TIME_LIMIT_S // 60:02d}:00", "--signal-grace", str(GRACE_S),
+        "--exit-margin", "0", "--max-restarts", "3", "--trainer-module", "tests.slurm.paced_pretrain",
+    ]  # fmt: skip
+
+
+def submit_time_limited_job(basetemp: Path) -> dict:
+    """Submit the tiny preset (2 gloo processes, DP=2) with a short time limit; returns the
+    job's id and paths. Called at the start of the session by tests/conftest.py (so the job's
+    minutes of waiting for its signal overlap the other tests) or by `time_limited_run` when
+    that did not happen."""
+    data = session_data(basetemp)
+    root = basetemp / "slurm"
+    root.mkdir(exist_ok=True)
+    return submit(root, "fusedkv-slurm-test", time_limited_args(1, 2), training_flags(data))
 
 
 # Set by tests/conftest.py when it submitted the job at the start of the session.
 EARLY_JOB: dict | None = None
 
 
-@pytest.fixture(scope="module")
-def time_limited_run(tmp_path_factory):
-    """The job of `submit_time_limited_job` (submitted early when the session selected these
-    tests), waited for until it is over; every signal it gets comes from SLURM."""
-    problem = _slurm_problem()
+def require_slurm(nodes: int = 1) -> None:
+    """Skip (fail under FUSEDKV_REQUIRE_SLURM=N for N >= nodes) without a controller and
+    `nodes` nodes up."""
+    problem = _slurm_problem(nodes)
     if problem:
-        if os.environ.get("FUSEDKV_REQUIRE_SLURM") == "1":
-            pytest.fail(f"FUSEDKV_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(f"{problem}; start a local cluster with: bash tools/slurm_local.sh start")
-    job = EARLY_JOB or submit_time_limited_job(tmp_path_factory.getbasetemp())
+        required = os.environ.get("FUSEDKV_REQUIRE_SLURM", "0")
+        if required.isdigit() and int(required) >= nodes:
+            pytest.fail(f"FUSEDKV_REQUIRE_SLURM={required} but {problem}")
+        start = "start" + (f" --nodes {nodes}" if nodes > 1 else "")
+        pytest.skip(f"{problem}; start a local cluster with: bash tools/slurm_local.sh {start}")
+
+
+def wait_until_over(job: dict, timeout: float, what: str) -> dict:
+    """Wait for `job` (from `submit`) to end; returns its id, final record, log and run dir.
+    A job still running at the timeout is cancelled."""
     job_id, log = job["job_id"], job["log"]
 
     def ended() -> dict[str, str] | None:
@@ -139,12 +176,29 @@ def time_limited_run(tmp_path_factory):
         return info if info.get("JobState") in TERMINAL else None
 
     try:
-        info = _wait_for(ended, 900, "the job to end (signal, checkpoint, requeue, finish)", log)
+        info = _wait_for(ended, timeout, what, log)
     finally:
         state = _job(job_id).get("JobState")
         if state is not None and state not in TERMINAL:
             _run("scancel", job_id)
     return dict(job_id=job_id, info=info, log=log.read_text(), run_dir=job["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def time_limited_run(tmp_path_factory):
+    """The job of `submit_time_limited_job` (submitted early when the session selected these
+    tests), waited for until it is over; every signal it gets comes from SLURM."""
+    return time_limited_job_over(tmp_path_factory.getbasetemp())
+
+
+def time_limited_job_over(basetemp: Path) -> dict:
+    """The one-node time-limit job (submitted now if it was not at the start), once over.
+    The two-node tests compare their losses with it."""
+    global EARLY_JOB
+    require_slurm()
+    if EARLY_JOB is None:
+        EARLY_JOB = submit_time_limited_job(basetemp)
+    return wait_until_over(EARLY_JOB, 900, "the job to end (signal, checkpoint, requeue, finish)")
 
 
 def _starts(log: str) -> list[str]:
@@ -166,7 +220,7 @@ def _clock(start: str, pattern: str) -> float | None:
 
 def test_job_trained_and_wrote_tensorboard_and_a_checkpoint(time_limited_run):
     run_dir = time_limited_run["run_dir"]
-    assert "] 2 workers" in time_limited_run["log"]  # the preset's 2 gloo processes (DP=2)
+    assert re.search(r"\] host \S+, 2 workers", time_limited_run["log"])  # 2 gloo processes (DP=2)
     assert re.search(rf" iteration +\d+/ +{TRAIN_ITERS} \|.*lm loss", time_limited_run["log"])
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(TRAIN_ITERS)

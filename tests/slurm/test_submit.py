@@ -102,7 +102,7 @@ def test_dry_run_renders_the_presets_layout(name):
     assert '--load "$CKPT_DIR"' in s and '--tensorboard-dir "$TB_DIR"' in s
     # srun one task per node, torchrun per GPU, c10d rendezvous on the first node
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in s
-    assert "--rdzv-backend=c10d" in s and '--rdzv-endpoint="$head_node:$rdzv_port"' in s
+    assert "--rdzv-backend=c10d" in s and '--rdzv-endpoint="$rdzv_host:$rdzv_port"' in s
     assert "TRITON_CACHE_DIR" in s
     assert "{{" not in s
     syntax = subprocess.run(["bash", "-n"], input=s, capture_output=True, text=True)
@@ -164,6 +164,10 @@ def test_dry_run_options_reach_the_script(config, tmp_path):
             ["--preset", "332m", "--gpus-per-node", "4", "--nproc-per-node", "8"],
             "--nproc-per-node 8 exceeds --gpus-per-node 4",
         ),
+        (["--preset", "tiny", "--socket-ifname", "eth0 ib0"], "--socket-ifname 'eth0 ib0'"),
+        (["--preset", "tiny", "--rdzv-host", "{head}-ib"], "--rdzv-host '{head}-ib'"),
+        (["--preset", "tiny", "--rdzv-port", "80"], "--rdzv-port 80 must be in 1024-65535"),
+        (["--preset", "tiny", "--rdzv-timeout", "0"], "--rdzv-timeout 0 must be >= 1"),
     ],
 )
 def test_bad_input_is_refused_with_the_value_and_the_fix(args, message, config):
@@ -283,9 +287,17 @@ FAKE_TRAINER = """\
 import json, os, signal, sys, time
 argv = sys.argv[1:]
 log = os.environ["FAKE_CALLS"]
+if argv[0].endswith("/slurm/node_launch.py"):  # the node's checks, then torchrun
+    with open(log, "a") as f:
+        f.write(f"node-launch {os.environ['SLURMD_NODENAME']} {os.environ['RDZV_HOST']}:"
+                f"{os.environ['RDZV_PORT']} local-addr {os.environ['PET_LOCAL_ADDR']}\\n")
+    if os.environ.get("FAKE_NODE_CHECK_RC"):
+        sys.exit(int(os.environ["FAKE_NODE_CHECK_RC"]))
 with open(log, "a") as f:
     f.write("trainer " + json.dumps(argv) + "\\n")
-    f.write(f"rdzv-conf {os.environ.get('PET_RDZV_CONF')}\\n")
+    conf = os.environ.get("PET_RDZV_CONF").split(",")
+    f.write(f"rdzv-conf {conf[0]}\\n")
+    f.write(f"rdzv-timeout {conf[1]}\\n")
 def value(flag):
     return argv[argv.index(flag) + 1] if flag in argv else None
 ckpt = value("--save")
@@ -425,7 +437,7 @@ def test_finished_run_is_not_requeued_and_gets_the_launch_arguments(tmp_path, co
     assert not job.requeued()
     argv = job.trainer_argv()
     # torchrun: one per node, c10d rendezvous on the first node of the allocation
-    assert argv[:2] == ["-m", "torch.distributed.run"]
+    assert argv[0] == str(REPO / "slurm" / "node_launch.py")
     assert "--rdzv-endpoint=nodeA:24242" in argv and "--nproc-per-node=2" in argv
     assert "--nnodes=1" in argv and "--max-restarts=0" in argv
     assert "rdzv-conf is_host=1" in job.calls_log()  # the first node hosts the store
@@ -456,7 +468,42 @@ def test_two_nodes_meet_at_the_first_node(tmp_path, config):
     assert len(launches) == 2
     for argv in launches:
         assert "--nnodes=2" in argv and "--rdzv-endpoint=nodeA:24242" in argv
-    assert "[node 1 " in out and "[node 0 " in out
+    assert "[node 1 nodeB] host " in out and "[node 0 nodeA] host " in out
+    # each node gives torchrun its SLURM name as the address the others reach it by
+    assert sorted(x for x in calls if x.startswith("node-launch")) == [
+        "node-launch nodeA nodeA:24242 local-addr nodeA",
+        "node-launch nodeB nodeA:24242 local-addr nodeB",
+    ]
+
+
+def test_rendezvous_and_network_options_reach_the_nodes(tmp_path, config):
+    job = FakeJob(
+        tmp_path, config, "--nodes", "2", "--socket-ifname", "ib0", "--rdzv-host", "{node}-ib",
+        "--rdzv-port", "29400", "--rdzv-timeout", "90",
+    )  # fmt: skip
+    assert "export GLOO_SOCKET_IFNAME=ib0" in job.script
+    assert "export NCCL_SOCKET_IFNAME=ib0" in job.script
+    rc, out = job.run(
+        "finish", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[A-B]", FAKE_NODES="nodeA nodeB"
+    )
+    assert rc == 0, out
+    calls = job.calls_log()
+    assert sorted(x for x in calls if x.startswith("node-launch")) == [
+        "node-launch nodeA nodeA-ib:29400 local-addr nodeA-ib",
+        "node-launch nodeB nodeA-ib:29400 local-addr nodeB-ib",
+    ]
+    assert "--rdzv-endpoint=nodeA-ib:29400" in job.trainer_argv()
+    assert "rendezvous nodeA-ib:29400 (store on nodeA, join timeout 90 s)" in out
+    assert "GLOO_SOCKET_IFNAME=ib0" in out  # each node's line says which interface it uses
+    assert "rdzv-timeout join_timeout=90" in calls
+
+
+def test_a_node_that_fails_its_checks_ends_the_job_without_a_requeue(tmp_path, config):
+    job = FakeJob(tmp_path, config)
+    rc, out = job.run("finish", FAKE_NODE_CHECK_RC="2")
+    assert rc == 2, out
+    assert "trainer failed (exit 2)" in out and not job.requeued()
+    assert not any(x.startswith("trainer [") for x in job.calls_log())
 
 
 def test_run_stopped_before_the_end_is_requeued(tmp_path, config):
