@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def run(args) -> int:
@@ -52,6 +54,11 @@ def _run(args, signals) -> int:
     a = args
     # a tokenizer file or directory is kept with every checkpoint
     tokenizer_file = a.tokenizer_model if fmt.tokenizer_entry(a.tokenizer_type) else None
+    if tokenizer_file and a.save and _inside(tokenizer_file, a.save):
+        # --use-checkpoint-args found it in a checkpoint that --keep-latest-k may delete while
+        # later saves still copy it: keep a copy for this run.
+        kept = tempfile.TemporaryDirectory(prefix="fusedkv-tokenizer-")
+        tokenizer_file = str(fmt.copy_tokenizer(tokenizer_file, kept.name))
     run_info = fmt.training_run_info(a, rt.config, rt.kv, rt.padded_vocab_size, rt.tokenizer)
     startup_report(rt)
 
@@ -135,6 +142,10 @@ def _run(args, signals) -> int:
         reporter.close()
     torch.distributed.barrier()
     return 0
+
+
+def _inside(path: str, directory: str) -> bool:
+    return Path(path).resolve().is_relative_to(Path(directory).resolve())
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
