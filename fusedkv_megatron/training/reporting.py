@@ -230,7 +230,7 @@ class Reporter:
                 self.no_mfu_reason = None  # said once
             alloc = torch.cuda.memory_allocated() / 2**30
             peak = torch.cuda.max_memory_allocated() / 2**30
-            fields.append(f"memory (GB): {alloc:.1f} allocated, {peak:.1f} max")
+            fields.append(f"memory (GiB): {alloc:.1f} allocated, {peak:.1f} max")
             scalars["memory-allocated-gb"] = alloc
             scalars["memory-max-allocated-gb"] = peak
         fields.append(f"skipped iterations: {skipped_total}")
