@@ -15,7 +15,9 @@ Other programs (pip, tensorboard, tail, squeue, ...) are not ours and are skippe
 
 The parser runs inside the program itself, up to its first argparse call and no further:
 `ArgumentParser.parse_args`/`parse_known_args` are wrapped to stop the program right after
-parsing, so nothing trains, converts or submits. Abbreviated flags are refused: a doc spells
+parsing, so nothing trains, converts or submits. A documented Python program must therefore
+parse its command line with argparse before it does any work (one that does not is reported,
+"returned" before parsing). Abbreviated flags are refused: a doc spells
 every flag out. A bare `...` stands for "the flags shown
 before" and is dropped; placeholder values (DATA_text_document, CKPT_DIR) parse as any value.
 
