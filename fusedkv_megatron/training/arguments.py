@@ -25,7 +25,7 @@ import yaml
 from ..config import FUSION_INITS, VARIANTS
 from .flag_utils import ArgumentError, add_bool, check_positive
 from .flags_checkpoint import add_checkpoint_flags, apply_checkpoint_args
-from .flags_schedule import add_schedule_flags, check_schedule_args
+from .flags_schedule import ALTERNATIVES, add_schedule_flags, check_schedule_args
 
 __all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args"]
 
@@ -268,8 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """Turn a YAML config into argv tokens (so argparse checks types and choices)."""
+def _yaml_argv(
+    path: str, parser: argparse.ArgumentParser, replaced: set[str] = frozenset()
+) -> list[str]:
+    """Turn a YAML config into argv tokens (so argparse checks types and choices), leaving out
+    the keys in `replaced`."""
     file = Path(path)
     if not file.is_file():
         raise ArgumentError(f"--config {path}: file not found; see examples/configs/ for examples")
@@ -289,6 +292,8 @@ def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
                 "fusedkv-pretrain --help (without the leading dashes)"
             )
         flag = "--" + dest.replace("_", "-")
+        if dest in replaced:
+            continue
         if isinstance(known[dest], argparse.BooleanOptionalAction):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(known[dest], argparse._StoreTrueAction):
@@ -305,13 +310,17 @@ def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
 def parse_args(
     argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
 ) -> argparse.Namespace:
-    """Parse YAML (--config) then the command line; flags override the YAML. `parser` is
-    build_parser() or an extension of it (fusedkv-plan adds its machine flags)."""
+    """Parse YAML (--config) then the command line; flags override the YAML, and a flag
+    replaces the YAML's other spellings of the same setting (ALTERNATIVES: --train-samples
+    replaces a YAML train-iters). `parser` is build_parser() or an extension of it
+    (fusedkv-plan adds its machine flags)."""
     parser = parser or build_parser()
     first, _ = parser.parse_known_args(argv)
     cli = list(argv) if argv is not None else sys.argv[1:]
     if first.config:
-        cli = _yaml_argv(first.config, parser) + cli
+        on_cli = _given(parser, cli)
+        replaced = {d for group in ALTERNATIVES if on_cli & set(group) for d in group} - on_cli
+        cli = _yaml_argv(first.config, parser, replaced) + cli
     args = parser.parse_args(cli)
     args.given_flags = sorted(_given(parser, cli))
     return args

@@ -20,6 +20,13 @@ import argparse
 
 from .flag_utils import ArgumentError, check_positive, flag
 
+# Spellings of one setting: given on the command line, one replaces the others from --config.
+ALTERNATIVES = (
+    ("train_iters", "train_samples"),
+    ("lr_warmup_iters", "lr_warmup_samples", "lr_warmup_fraction"),
+    ("lr_decay_iters", "lr_decay_samples"),
+    ("lr_wsd_decay_iters", "lr_wsd_decay_samples"),
+)
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 

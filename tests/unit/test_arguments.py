@@ -150,3 +150,14 @@ def test_rampup_gives_megatron_lm_batch_sizes(start, incr, samples, gbs, dist_si
         iters += 1
     assert a.train_iters == iters + (400 - consumed) // gbs
     assert a.train_samples_total == sizes.samples_in(a.train_iters) <= 400
+
+
+def test_a_sample_flag_on_the_command_line_replaces_the_yamls_iteration_flag():
+    """650m.yaml gives train-iters and lr-warmup-iters; --train-samples and
+    --lr-warmup-fraction on the command line replace them (one setting, two spellings)."""
+    args = parse_args(["--config", str(REPO / "examples/configs/650m.yaml"), "--mock-data",
+                       "--tokenizer-type", "NullTokenizer", "--vocab-size", "128000",
+                       "--train-samples", "2560000", "--lr-warmup-fraction", "0.01"])  # fmt: skip
+    assert (args.train_iters, args.lr_warmup_iters, args.train_samples) == (None, 0, 2560000)
+    a = validate_args(args, world_size=1, cuda=False)
+    assert (a.train_iters, a.lr_warmup_steps) == (10000, 25600.0)
