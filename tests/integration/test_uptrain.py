@@ -288,7 +288,7 @@ def test_eval_data_prints_the_trainers_validation_loss(data, vanilla, tmp_path, 
     trainer = scalars(vanilla[1], "validation/lm loss")[12]
     assert abs(original - trainer) < 6e-5, (original, trainer)
     assert abs(float(after.group(1)) - original - float(after.group(2))) < 2e-4
-    assert "--no-load-optim --no-load-rng" in out
+    assert "--use-checkpoint-args --pretrained-checkpoint" in out
     assert cf.read_latest_iteration(tmp_path / "out") == 0
 
 
