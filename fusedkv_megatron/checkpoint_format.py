@@ -81,6 +81,8 @@ OPTIONAL_PARALLEL_KEYS = ("context_parallel_size",)
 # Model fields that decide tensor shapes/semantics: a checkpoint that differs in any of these
 # cannot be loaded into the current model. seq_length may change (RoPE has no table to resize).
 ARCHITECTURE_KEYS = tuple(k for k in MODEL_KEYS if k != "seq_length")
+# KV-sharing fields that only decide how weights start: not compared once weights load.
+INIT_ONLY_KEYS = ("fusion_init",)
 
 
 class CheckpointFormatError(RuntimeError):
@@ -447,7 +449,7 @@ def tokenizer_differences(stored: str | os.PathLike, source: str | os.PathLike) 
 def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences that make `saved` unloadable into `current` (run infos)."""
     diffs = []
-    for key in KV_SHARING_KEYS:
+    for key in (k for k in KV_SHARING_KEYS if k not in INIT_ONLY_KEYS):
         a, b = saved["kv_sharing"][key], current["kv_sharing"][key]
         if key == "source_layers":
             a, b = (list(a) if a else None), (list(b) if b else None)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def run(args) -> int:
@@ -40,9 +42,9 @@ def _run(args, signals) -> int:
         TrainState,
         check_save_dir,
         load_checkpoint,
-        resolve_load_dir,
         save_checkpoint,
     )
+    from .training.flags_checkpoint import checkpoint_to_load
     from .training.initialize import setup
     from .training.loop import Trainer
     from .training.model_size import ModelShape, flops_per_token, peak_tflops
@@ -52,27 +54,34 @@ def _run(args, signals) -> int:
     a = args
     # a tokenizer file or directory is kept with every checkpoint
     tokenizer_file = a.tokenizer_model if fmt.tokenizer_entry(a.tokenizer_type) else None
+    if tokenizer_file and a.save and _inside(tokenizer_file, a.save):
+        # --use-checkpoint-args found it in a checkpoint that --keep-latest-k may delete while
+        # later saves still copy it: keep a copy for this run.
+        kept = tempfile.TemporaryDirectory(prefix="fusedkv-tokenizer-")
+        tokenizer_file = str(fmt.copy_tokenizer(tokenizer_file, kept.name))
     run_info = fmt.training_run_info(a, rt.config, rt.kv, rt.padded_vocab_size, rt.tokenizer)
     startup_report(rt)
 
     if a.save:
         check_save_dir(a.save)
     state = TrainState()
-    if a.load:
-        ckpt = resolve_load_dir(a.load, a.save)
-        if ckpt is None:
-            print_first(f"> no checkpoint in {a.load}: starting from scratch")
-        else:
-            state = load_checkpoint(
-                ckpt,
-                rt.model,
-                rt.optimizer,
-                rt.scheduler,
-                run_info,
-                tokenizer_file,
-                load_optim=not a.no_load_optim,
-                load_rng=not a.no_load_rng,
-            )
+    ckpt, source = checkpoint_to_load(a)
+    if ckpt is None and a.load:
+        print_first(f"> no checkpoint in {a.load}: starting from scratch")
+    elif ckpt is not None:
+        if source == "--pretrained-checkpoint":
+            print_first(f"> no checkpoint in --load {a.load}: starting from {ckpt} (weights)")
+        state = load_checkpoint(
+            ckpt,
+            rt.model,
+            rt.optimizer,
+            rt.scheduler,
+            run_info,
+            tokenizer_file,
+            load_optim=not a.no_load_optim,
+            load_rng=not a.no_load_rng,
+            finetune=a.finetune or source == "--pretrained-checkpoint",
+        )
     gbs = a.global_batch_size
     eval_samples = a.eval_iters * gbs
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
@@ -80,7 +89,7 @@ def _run(args, signals) -> int:
         a.split,
         a.seq_length,
         a.seed,
-        (a.train_iters * gbs, eval_samples, eval_samples),
+        (a.train_samples_total, eval_samples, eval_samples),
         rt.tokenizer,
         mock=a.mock_data,
         data_cache_path=a.data_cache_path,
@@ -139,6 +148,10 @@ def _run(args, signals) -> int:
     return 0
 
 
+def _inside(path: str, directory: str) -> bool:
+    return Path(path).resolve().is_relative_to(Path(directory).resolve())
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are bad input or configuration: exit 2 with their message, no traceback."""
     from .checkpoint_format import CheckpointFormatError
@@ -159,13 +172,33 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _parse(argv: list[str] | None):
+    """Parse and check what needs no torch (the flags, the model shape): --help and these
+    errors come back in well under a second. Returns (args, None) or (None, exit code)."""
+    from .training.arguments import ArgumentError, check_model_shape, parse_args
+
+    try:
+        args = parse_args(argv)
+        if not args.use_checkpoint_args:
+            check_model_shape(args)
+    except ArgumentError as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank meets it; one says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return None, 2
+    return args, None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input (on any rank), 3 diverged. A failure on one rank ends
     every rank within seconds (training/failures.py)."""
+    args, code = _parse(argv)
+    if args is None:
+        return code
+    args.start_time = time.time()  # --exit-duration-in-mins counts from here
     import torch
 
     from .training import failures
-    from .training.arguments import parse_args, validate_args
+    from .training.arguments import validate_args
     from .training.initialize import init_distributed
     from .training.loop import TrainingDiverged
 
@@ -174,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     callers_groups = _process_groups()
     watch = failures.PeerFailureWatch()
     try:
-        args = parse_args(argv)
-        args.start_time = time.time()  # --exit-duration-in-mins counts from here
         init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
         with watch:
             validate_args(args, torch.distributed.get_world_size(), torch.cuda.is_available())

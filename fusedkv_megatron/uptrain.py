@@ -14,9 +14,9 @@ is a checkpoint of the chosen variant at iteration 0 without optimizer or RNG st
   `lite` give exactly what a fresh `fusedkv-pretrain --seed SEED` run would draw, `equivalent`
   the paper appendix's start that reproduces iterative fusion (fusion.equivalent_fusion_weight).
 
-Continue with `fusedkv-pretrain --load OUT --no-load-optim --no-load-rng` and the variant's
-`--kv-sharing/--fusion-init` flags: the iteration count restarts at 0, so the LR schedule
-warms up again and the data are read from their start (docs/uptraining.md).
+Continue with `fusedkv-pretrain --use-checkpoint-args --pretrained-checkpoint OUT --load RUN
+--save RUN`: the model flags come from the checkpoint, the iteration count starts at 0, so the
+LR schedule warms up again and the data are read from their start (docs/uptraining.md).
 
 The conversion works on Hugging Face tensor names (hf/mapping.py owns the Megatron layout), in
 one process on the CPU; only the final TP x PP re-save spawns processes.
@@ -232,10 +232,8 @@ def _report(result: dict, a: argparse.Namespace) -> None:
         label = f"{a.kv_sharing} ({a.fusion_init})"
         print(f"  converted  {label:<24} {after:.4f}  ({after - before:+.4f})")
     print(
-        "continue with: fusedkv-pretrain --load "
-        f"{a.save} --kv-sharing {a.kv_sharing} --fusion-init {a.fusion_init}"
-        + (" --shared-fusion-weights" if a.shared_fusion_weights else "")
-        + " --no-load-optim --no-load-rng [the model flags of the original run] ..."
+        f"continue with: fusedkv-pretrain --use-checkpoint-args --pretrained-checkpoint {a.save} "
+        "--load RUN --save RUN [training and data flags] ..."
     )
 
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+DTYPES = ("float32", "bfloat16", "float16")
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -73,14 +74,21 @@ def default_output(kind: str, path: Path, iteration: int | None) -> Path:
     return path / "eval" / "results.json"
 
 
-def model_args(hf_dir: Path, batch_size: int, device: str, prefix_token_id: int | None) -> dict:
+def model_args(
+    hf_dir: Path,
+    batch_size: int,
+    device: str,
+    prefix_token_id: int | None,
+    dtype: str | None = None,
+) -> dict:
     """lm-eval's HFLM arguments. The prefix token (what the first token of a document is
     predicted from) defaults to the export's end-of-document id, as in training, where every
-    document follows the previous one's eod; lm-eval's own default would be the BOS token."""
+    document follows the previous one's eod; lm-eval's own default would be the BOS token.
+    `dtype` (one of DTYPES) defaults to float32 on the CPU and the export's own on a GPU."""
     args: dict[str, Any] = {
         "pretrained": str(hf_dir),
         "trust_remote_code": True,
-        "dtype": "float32" if device == "cpu" else "auto",
+        "dtype": dtype or ("float32" if device == "cpu" else "auto"),
         "batch_size": batch_size,
     }
     if prefix_token_id is None:
@@ -129,6 +137,7 @@ def evaluate(
     device: str | None = None,
     prefix_token_id: int | None = None,
     online: bool = False,
+    dtype: str | None = None,
 ) -> dict:
     """Run the lm-eval `tasks` on a checkpoint or HF export; write and return the results JSON."""
     if not online:
@@ -159,10 +168,11 @@ def evaluate(
         if kind == "megatron":
             from ..hf.convert import megatron_to_hf
 
-            hf_dir = megatron_to_hf(model_dir, Path(tmp) / "hf", dtype=torch.float32)
+            weights = getattr(torch, dtype or "float32")
+            hf_dir = megatron_to_hf(model_dir, Path(tmp) / "hf", dtype=weights)
         results = lm_eval.simple_evaluate(
             model="hf",
-            model_args=model_args(hf_dir, batch_size, device, prefix_token_id),
+            model_args=model_args(hf_dir, batch_size, device, prefix_token_id, dtype),
             tasks=tasks,
             device=device,
             limit=limit,
@@ -176,6 +186,7 @@ def evaluate(
         "iteration": iteration,
         "tasks": tasks,
         "limit": limit,
+        "dtype": dtype or ("float32" if device == "cpu" else "auto"),
         "metrics": metrics,
         "results": results.get("results", {}),
         "n-samples": results.get("n-samples", {}),
@@ -208,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="only the first N documents of each task")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="the dtype the model is evaluated in (default: float32 on the CPU, the export's "
+        "own on a GPU; a training checkpoint is exported in this dtype, float32 by default)",
+    )
+    p.add_argument(
         "--prefix-token-id",
         type=int,
         help="token a document's first token is predicted from (default: the end-of-document "
@@ -237,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             device=a.device,
             prefix_token_id=a.prefix_token_id,
             online=a.online,
+            dtype=a.dtype,
         )
     except (EvalError, ConversionError, CheckpointFormatError) as err:
         print(f"error: {err}", file=sys.stderr)

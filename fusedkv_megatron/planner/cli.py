@@ -130,6 +130,8 @@ def trainer_view(args: argparse.Namespace, world_size: int) -> argparse.Namespac
     a.tokenizer_type, a.tokenizer_model = "NullTokenizer", None
     a.vocab_size = args.vocab_size or PAPER_VOCAB
     a.fp8_format, a.skip_train = None, False
+    if a.train_iters is None and a.train_samples is None:
+        a.train_iters = 1  # the plan does not depend on the training length
     if hasattr(a, "transformer_impl"):
         a.transformer_impl = "local"
     return validate_args(a, world_size=world_size, cuda=False)

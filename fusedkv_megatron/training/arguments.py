@@ -5,6 +5,10 @@ FusedKV options are ours. `--config FILE` reads a YAML file whose keys are the s
 (with dashes or underscores); flags given on the command line override it. Boolean flags also
 accept a `--no-` form (e.g. `--no-bf16`) so a command line can switch off what a YAML switched on.
 `validate_args` checks combinations and derives sizes; every error names the value and the fix.
+
+Flag groups with rules of their own live in `flags_<topic>.py` modules (`add_<topic>_flags`,
+`check_<topic>_args`), hooked in one line each in `build_parser` and `validate_args`. Nothing
+here imports torch or Megatron at module level, so `--help` and argument errors stay fast.
 """
 
 from __future__ import annotations
@@ -19,27 +23,18 @@ from pathlib import Path
 import yaml
 
 from ..config import FUSION_INITS, VARIANTS
+from .flag_utils import ArgumentError, add_bool, check_positive
+from .flags_checkpoint import add_checkpoint_flags, apply_checkpoint_args
 from .flags_context import add_context_flags, check_context_args
+from .flags_schedule import ALTERNATIVES, add_schedule_flags, check_schedule_args
 
+__all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args"]
+
+# The model shape has no default, as in Megatron-LM (a missing --config trained a toy model).
+SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
-
-
-class ArgumentError(ValueError):
-    """A configuration that cannot run, with the fix in the message."""
-
-
-class _Switch(argparse.BooleanOptionalAction):
-    """BooleanOptionalAction decides by a "--no-" prefix, so a flag that is itself named
-    "--no-x" (--no-load-optim) could never be switched on; decide by the exact spelling."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, option_string == self.option_strings[0])
-
-
-def _bool(parser_group, flag: str, help: str) -> None:
-    parser_group.add_argument(flag, action=_Switch, default=False, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,15 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         "start; uniform = 1/(number of sources) each (the dense_probe's start); equivalent = "
         "the paper appendix's start that reproduces iterative fusion (docs/uptraining.md)",
     )
-    _bool(
+    add_bool(
         g,
         "--shared-fusion-weights",
         "one fusion vector per head_dim shared over KV heads (default: one per KV head)",
     )
-    g.add_argument("--num-layers", type=int, default=4)
-    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--num-layers", type=int, default=None, help="required (or --config)")
+    g.add_argument("--hidden-size", type=int, default=None, help="required (or --config)")
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 3 * hidden")
-    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-attention-heads", type=int, default=None, help="required (or --config)")
     g.add_argument(
         "--num-query-groups",
         type=int,
@@ -94,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV heads (default: = heads; heads/2 for --kv-sharing gqa)",
     )
     g.add_argument("--kv-channels", type=int, default=None, help="head dim (default hidden/heads)")
-    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--seq-length", type=int, default=None, help="required (or --config)")
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--rotary-base", type=float, default=1_000_000.0)
-    _bool(g, "--rotary-interleaved", "interleaved RoPE pairs (2j, 2j+1)")
+    add_bool(g, "--rotary-interleaved", "interleaved RoPE pairs (2j, 2j+1)")
     g.add_argument("--norm-epsilon", type=float, default=1e-6)
-    _bool(
+    add_bool(
         g,
         "--untie-embeddings-and-output-weights",
         "separate output layer (Megatron's flag; default: tied to the input embedding)",
@@ -124,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="uneven stages: layers of the last stage (the rest split evenly)",
     )
-    _bool(g, "--sequence-parallel", "sequence parallelism (needs TP > 1)")
-    _bool(g, "--use-distributed-optimizer", "shard optimizer state over data-parallel ranks")
-    _bool(g, "--overlap-grad-reduce", "overlap the data-parallel gradient reduce with backward")
+    add_bool(g, "--sequence-parallel", "sequence parallelism (needs TP > 1)")
+    add_bool(g, "--use-distributed-optimizer", "shard optimizer state over data-parallel ranks")
+    add_bool(g, "--overlap-grad-reduce", "overlap the data-parallel gradient reduce with backward")
     g.add_argument(
         "--distributed-backend",
         choices=("nccl", "gloo"),
@@ -143,23 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default micro-batch-size * data-parallel size",
     )
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--min-lr", type=float, default=3e-5)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default train-iters")
-    g.add_argument(
-        "--lr-decay-style",
-        choices=("constant", "linear", "cosine", "inverse-square-root"),
-        default="cosine",
-    )
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    _bool(g, "--bf16", "bfloat16 parameters and compute (fp32 main weights in the optimizer)")
-    _bool(g, "--fp16", "float16 with dynamic loss scaling")
+    add_bool(g, "--bf16", "bfloat16 parameters and compute (fp32 main weights in the optimizer)")
+    add_bool(g, "--fp16", "float16 with dynamic loss scaling")
     g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
     g.add_argument("--min-loss-scale", type=float, default=1.0)
@@ -206,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=argparse.SUPPRESS,
     )  # fault injection for tests: SIGKILL at this point of a save (checkpointing.CRASH_POINTS)
-    _bool(g, "--skip-train", "no training: load, evaluate validation (and test) and exit")
+    add_bool(g, "--skip-train", "no training: load, evaluate validation (and test) and exit")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -262,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     g.add_argument("--split", type=str, default="969,30,1")
     g.add_argument("--data-cache-path", type=str, default=None)
-    _bool(g, "--mock-data", "train on generated tokens (no dataset needed)")
+    add_bool(g, "--mock-data", "train on generated tokens (no dataset needed)")
     g.add_argument(
         "--tokenizer-type",
         choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"),
@@ -277,12 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a SentencePiece .model file, or a local Hugging Face tokenizer directory",
     )
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+
+    # Flag modules, one line each (flags_<topic>.py: add_<topic>_flags).
+    add_schedule_flags(p)
+    add_checkpoint_flags(p)
     add_context_flags(p)
     return p
 
 
-def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """Turn a YAML config into argv tokens (so argparse checks types and choices)."""
+def _yaml_argv(
+    path: str, parser: argparse.ArgumentParser, replaced: set[str] = frozenset()
+) -> list[str]:
+    """Turn a YAML config into argv tokens (so argparse checks types and choices), leaving out
+    the keys in `replaced`."""
     file = Path(path)
     if not file.is_file():
         raise ArgumentError(f"--config {path}: file not found; see examples/configs/ for examples")
@@ -302,6 +294,8 @@ def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
                 "fusedkv-pretrain --help (without the leading dashes)"
             )
         flag = "--" + dest.replace("_", "-")
+        if dest in replaced:
+            continue
         if isinstance(known[dest], argparse.BooleanOptionalAction):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(known[dest], argparse._StoreTrueAction):
@@ -318,21 +312,45 @@ def _yaml_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
 def parse_args(
     argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
 ) -> argparse.Namespace:
-    """Parse YAML (--config) then the command line; flags override the YAML. `parser` is
-    build_parser() or an extension of it (fusedkv-plan adds its machine flags)."""
+    """Parse YAML (--config) then the command line; flags override the YAML, and a flag
+    replaces the YAML's other spellings of the same setting (ALTERNATIVES: --train-samples
+    replaces a YAML train-iters). `parser` is build_parser() or an extension of it
+    (fusedkv-plan adds its machine flags)."""
     parser = parser or build_parser()
     first, _ = parser.parse_known_args(argv)
-    cli = list(argv) if argv is not None else None
+    cli = list(argv) if argv is not None else sys.argv[1:]
     if first.config:
-        cli = _yaml_argv(first.config, parser) + (cli if cli is not None else sys.argv[1:])
-    return parser.parse_args(cli)
+        on_cli = _given(parser, cli)
+        replaced = {d for group in ALTERNATIVES if on_cli & set(group) for d in group} - on_cli
+        cli = _yaml_argv(first.config, parser, replaced) + cli
+    args = parser.parse_args(cli)
+    args.given_flags = sorted(_given(parser, cli))
+    return args
 
 
-def _positive(args, *names) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ArgumentError(f"--{name.replace('_', '-')}={value} must be > 0")
+def _given(parser: argparse.ArgumentParser, cli: list[str]) -> set[str]:
+    """The dests set on the command line or in --config (what a checkpoint may not override)."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(cli)))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+
+
+def check_model_shape(args: argparse.Namespace) -> None:
+    """The shape flags are required (Megatron-LM's rule); no torch needed to say so."""
+    missing = [name for name in SHAPE_FLAGS if getattr(args, name, None) is None]
+    if missing:
+        raise ArgumentError(
+            "the model shape is not set: missing "
+            + ", ".join("--" + m.replace("_", "-") for m in missing)
+            + ". Pass --config FILE (examples/configs/: tiny.yaml for a CPU try, 332m, 650m, "
+            "1.5b, 4b) or --num-layers, --hidden-size, --num-attention-heads and --seq-length "
+            "(or --use-checkpoint-args with --load to take them from a checkpoint)"
+        )
 
 
 def _check_transformer_impl(args: argparse.Namespace, cuda: bool) -> None:
@@ -363,7 +381,9 @@ def _check_transformer_impl(args: argparse.Namespace, cuda: bool) -> None:
 
 def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argparse.Namespace:
     """Check flag combinations against the world size; fill derived values in place."""
-    _positive(
+    apply_checkpoint_args(args)  # first: the model shape may come from the checkpoint
+    check_model_shape(args)
+    check_positive(
         args,
         "num_layers",
         "hidden_size",
@@ -371,7 +391,6 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         "seq_length",
         "micro_batch_size",
         "global_batch_size",
-        "train_iters",
         "eval_interval",
         "log_interval",
         "save_interval",
@@ -457,15 +476,6 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         )
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
 
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.min_lr > args.lr:
-        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ArgumentError(
-            f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
-            f"{args.lr_decay_iters}; shorten the warm-up or train longer"
-        )
     if args.recompute_method is not None and args.recompute_granularity != "full":
         raise ArgumentError("--recompute-method needs --recompute-granularity full")
     if args.recompute_granularity == "full" and (
@@ -523,4 +533,8 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         )
     if args.exit_duration_in_mins is not None and not math.isfinite(args.exit_duration_in_mins):
         raise ArgumentError(f"--exit-duration-in-mins={args.exit_duration_in_mins} must be finite")
+
+    # Flag-module checks, one line each (flags_<topic>.py: check_<topic>_args); they run after
+    # the derivations above (data-parallel size, batch sizes, tokenizer type).
+    check_schedule_args(args)
     return args

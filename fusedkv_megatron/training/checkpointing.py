@@ -66,6 +66,7 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
     skipped_iters: int = 0
+    skipped_samples: int = 0  # samples of skipped iterations: the LR schedule did not move
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +147,8 @@ def _state_dict(
         state["train_state"] = {
             "consumed_train_samples": train_state.consumed_train_samples,
             "skipped_iters": train_state.skipped_iters,
+            "skipped_samples": train_state.skipped_samples,
+            "lr_schedule_unit": "samples",
             **train_state.extra,
         }
     return state
@@ -461,12 +464,26 @@ def load_checkpoint(
     *,
     load_optim: bool = True,
     load_rng: bool = True,
+    finetune: bool = False,
 ) -> TrainState:
-    """Load `ckpt` (an iteration directory) into the model/optimizer/scheduler. Collective."""
+    """Load `ckpt` (an iteration directory) into the model/optimizer/scheduler. Collective.
+
+    `finetune` loads the weights only and starts at iteration 0 (fresh optimizer, LR schedule,
+    RNG and data position), as Megatron-LM's --finetune. A checkpoint that holds weights only
+    (fusedkv-convert-variant's) loads its weights whatever the flags, saying so in one line."""
     saved = fmt.read_run_info(ckpt)
     check_tokenizer(ckpt, saved, run_info, tokenizer_file)
     fmt.check_compatible(saved, run_info, where=ckpt)
     optimizer_fixes.apply()
+    if finetune:
+        load_optim = load_rng = False
+    elif (load_optim or load_rng) and _weights_only(ckpt):
+        _log(
+            f"> {ckpt} holds weights only (no optimizer or RNG state, e.g. written by "
+            "fusedkv-convert-variant): loading its weights; fresh optimizer and RNG, the LR "
+            "schedule from the checkpoint's iteration"
+        )
+        load_optim = load_rng = False
     same_layout = all(
         saved["parallel"][k] == run_info["parallel"][k]
         for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
@@ -513,12 +530,35 @@ def load_checkpoint(
             f"{saved['parallel']['pipeline_model_parallel_size']}): RNG states not restored"
         )
     ts = loaded["train_state"] or {}
+    if finetune:
+        _log(
+            f"loaded the weights of {ckpt} (iteration {loaded['iteration']}) to fine-tune: "
+            "iteration 0, fresh optimizer, LR schedule, RNG and data position"
+        )
+        return TrainState()
+    if load_optim and ts.get("lr_schedule_unit") != "samples":
+        raise fmt.CheckpointFormatError(
+            f"{ckpt} was saved when the LR schedule counted iterations (it now counts samples, "
+            "as Megatron-LM's): resume with --no-load-optim (fresh Adam moments; the schedule "
+            "continues from the data position)"
+        )
     train_state = TrainState(
         iteration=int(loaded["iteration"]),
         consumed_train_samples=int(ts.get("consumed_train_samples", 0)),
         skipped_iters=int(ts.get("skipped_iters", 0)),
+        skipped_samples=int(ts.get("skipped_samples", 0)),
     )
     if not load_optim:  # fresh optimizer moments; the LR schedule continues where it was
-        scheduler.step(increment=train_state.iteration - train_state.skipped_iters)
+        steps = train_state.consumed_train_samples - train_state.skipped_samples
+        if steps:
+            scheduler.step(increment=steps)
     _log(f"loaded checkpoint {ckpt} (iteration {loaded['iteration']})")
     return train_state
+
+
+def _weights_only(ckpt: Path) -> bool:
+    """True for a checkpoint saved without optimizer state (fusedkv-convert-variant's)."""
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    with reading_checkpoint(ckpt):
+        return "opt_param_scheduler" not in load_common_state_dict(str(ckpt))

@@ -51,7 +51,7 @@ def add_context_flags(parser: argparse.ArgumentParser) -> None:
 def check_context_args(args: argparse.Namespace, world_size: int) -> None:
     """CP's share of the layout: data-parallel size over CP, the sequence over 2N chunks, and the
     combinations that would silently attend across documents. Raises ArgumentError."""
-    from .arguments import ArgumentError
+    from .flag_utils import ArgumentError
 
     cp = args.context_parallel_size
     if cp < 1:

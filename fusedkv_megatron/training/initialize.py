@@ -34,6 +34,7 @@ from ..fusion import FUSION_WEIGHT_GLOBS
 from ..pipeline import check_layout
 from .arguments import ArgumentError
 from .model_size import padded_vocab  # one padding rule for the trainer and the planner
+from .schedule import build_scheduler
 
 # Fusion weights get no weight decay (our choice, docs/model.md); norms and biases neither.
 NO_DECAY_NAMES = FUSION_WEIGHT_GLOBS
@@ -202,20 +203,7 @@ def build_optimizer(args, model):
     overrides = get_standard_config_overrides(config)
     overrides[ParamKey(name=NO_DECAY_NAMES)] = ParamGroupOverride(wd_mult=0.0)
     optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0 if args.lr_warmup_iters else args.lr,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-    )
-    return optimizer, scheduler
+    return optimizer, build_scheduler(args, optimizer)
 
 
 def connect_schedule_hooks(config, model, optimizer, overlap_grad_reduce: bool) -> None:

@@ -27,6 +27,7 @@ from .batches import microbatch_iterators
 from .checkpointing import TrainState
 from .memory_report import MemoryReport
 from .reporting import fusion_weight_stats
+from .schedule import BatchSizes
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,6 +113,7 @@ class Trainer:
             num_microbatches=self.args.num_microbatches,
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.batch_sizes = BatchSizes(self.args)
         self.inject_nan_iters = set(self.args.inject_nan_iters or ())
         self.memory = MemoryReport(rt)  # the planner's peak, then measured against it
 
@@ -121,13 +123,15 @@ class Trainer:
         )
         return its[0] if len(its) == 1 else its
 
-    def _run_schedule(self, data, forward_only: bool, inject_nan: bool = False):
+    def _run_schedule(
+        self, data, forward_only: bool, inject_nan: bool = False, num_microbatches=None
+    ):
         a = self.args
         return self.forward_backward(
             forward_step_func=partial(_forward_step, inject_nan),
             data_iterator=data,
             model=self.rt.model if len(self.rt.model) > 1 else self.rt.model[0],
-            num_microbatches=a.num_microbatches,
+            num_microbatches=num_microbatches or a.num_microbatches,
             seq_length=a.seq_length,
             micro_batch_size=a.micro_batch_size,
             decoder_seq_length=a.seq_length,
@@ -135,15 +139,16 @@ class Trainer:
             **self.schedule_kwargs,
         )
 
-    def train_step(self, state: TrainState, data, time_up: bool) -> StepResult:
-        """One global batch: forward/backward, then the optimizer step unless a loss or
-        gradient is not finite."""
+    def train_step(self, state: TrainState, data, time_up: bool, batch: tuple[int, int]):
+        """One global batch of `batch` = (samples, microbatches): forward/backward, then the
+        optimizer step (the LR schedule moves by the samples) unless a loss or gradient is not
+        finite. Returns a StepResult."""
         rt = self.rt
         for chunk in rt.model:
             chunk.zero_grad_buffer()
         rt.optimizer.zero_grad()
         inject = (state.iteration + 1) in self.inject_nan_iters
-        losses = self._run_schedule(data, forward_only=False, inject_nan=inject)
+        losses = self._run_schedule(data, False, inject_nan=inject, num_microbatches=batch[1])
         reduced = _reduce_losses(losses)
         loss = reduced[0] / max(reduced[1], 1.0) if reduced else None
         bad_loss = loss is not None and not math.isfinite(loss)
@@ -157,7 +162,7 @@ class Trainer:
         if not (bad_loss or bad_grad):
             ok, grad_norm, _ = rt.optimizer.step()
             if ok:
-                rt.scheduler.step(increment=1)
+                rt.scheduler.step(increment=batch[0])
                 skipped = False
         return StepResult(loss, grad_norm, skipped, bad_loss or bad_grad, signal, time_up)
 
@@ -197,13 +202,15 @@ class Trainer:
                 a.exit_duration_in_mins is not None
                 and (time.time() - start_time) / 60.0 > a.exit_duration_in_mins
             )
+            batch = self.batch_sizes.at(state.consumed_train_samples)
             with self.memory.watch():
-                step = self.train_step(state, data, time_up)
+                step = self.train_step(state, data, time_up, batch)
             state.iteration += 1
-            state.consumed_train_samples += a.global_batch_size
+            state.consumed_train_samples += batch[0]
             state.skipped_iters += int(step.skipped)
+            state.skipped_samples += batch[0] if step.skipped else 0
             in_a_row = in_a_row + 1 if step.non_finite else 0
-            self.reporter.record(None if step.non_finite else step.loss, step.grad_norm)
+            self.reporter.record(None if step.non_finite else step.loss, step.grad_norm, batch[0])
             if state.iteration % a.log_interval == 0:
                 stats = fusion_weight_stats(rt.model)
                 self.reporter.log(

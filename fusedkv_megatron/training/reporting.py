@@ -150,6 +150,7 @@ class Reporter:
         self.counts = defaultdict(int)
         self.timer.restart()
         self.iters = 0
+        self.samples = 0
 
     def start(self) -> None:
         """The first interval starts here (not when the reporter was built)."""
@@ -167,8 +168,12 @@ class Reporter:
         if self.wandb_run is not None:
             self.wandb_run.log({tag: value}, step=step)
 
-    def record(self, loss: float | None, grad_norm: float | None) -> None:
+    def record(
+        self, loss: float | None, grad_norm: float | None, samples: int | None = None
+    ) -> None:
+        """One iteration of `samples` sequences (default: the global batch size)."""
         self.iters += 1
+        self.samples += self.args.global_batch_size if samples is None else samples
         if loss is not None and math.isfinite(loss):
             self.sums["loss"] += loss
             self.counts["loss"] += 1
@@ -192,7 +197,7 @@ class Reporter:
         a = self.args
         elapsed = self.timer.elapsed()
         ms = 1000.0 * elapsed / max(self.iters, 1)
-        tokens_per_s = self.iters * a.global_batch_size * a.seq_length / max(elapsed, 1e-9)
+        tokens_per_s = self.samples * a.seq_length / max(elapsed, 1e-9)
         loss, gnorm = self._mean("loss"), self._mean("grad_norm")
         fields = [
             f"iteration {iteration:8d}/{a.train_iters:8d}",
@@ -225,7 +230,7 @@ class Reporter:
                 self.no_mfu_reason = None  # said once
             alloc = torch.cuda.memory_allocated() / 2**30
             peak = torch.cuda.max_memory_allocated() / 2**30
-            fields.append(f"memory (GB): {alloc:.1f} allocated, {peak:.1f} max")
+            fields.append(f"memory (GiB): {alloc:.1f} allocated, {peak:.1f} max")
             scalars["memory-allocated-gb"] = alloc
             scalars["memory-max-allocated-gb"] = peak
         fields.append(f"skipped iterations: {skipped_total}")

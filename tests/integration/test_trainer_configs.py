@@ -84,8 +84,9 @@ def test_flags_override_the_yaml(tmp_path):
 
 
 def test_gqa_defaults_to_half_the_kv_heads_and_vpp_from_layers_per_stage():
-    args = validate_args(parse_args(["--mock-data", "--kv-sharing", "gqa",
-                                     "--num-attention-heads", "8", "--hidden-size", "64"]),
+    shape = ["--seq-length", "64", "--train-iters", "1"]
+    args = validate_args(parse_args(["--mock-data", "--kv-sharing", "gqa", "--num-layers", "4",
+                                     "--num-attention-heads", "8", "--hidden-size", "64", *shape]),
                          world_size=1, cuda=False)  # fmt: skip
     assert args.num_query_groups == 4
     args = parse_args(
@@ -99,6 +100,11 @@ def test_gqa_defaults_to_half_the_kv_heads_and_vpp_from_layers_per_stage():
             "2",
             "--global-batch-size",
             "8",
+            "--hidden-size",
+            "64",
+            "--num-attention-heads",
+            "4",
+            *shape,
         ]
     )
     args = validate_args(args, world_size=2, cuda=False)
@@ -107,5 +113,6 @@ def test_gqa_defaults_to_half_the_kv_heads_and_vpp_from_layers_per_stage():
     # start-up; tests/integration/test_failures_cli.py): the CLI only derives the count.
     args = parse_args(["--mock-data", "--num-layers", "8", "--pipeline-model-parallel-size",
                        "2", "--virtual-pipeline-model-parallel-size", "2",
-                       "--global-batch-size", "6", "--micro-batch-size", "2"])  # fmt: skip
+                       "--global-batch-size", "6", "--micro-batch-size", "2",
+                       "--hidden-size", "64", "--num-attention-heads", "4", *shape])  # fmt: skip
     assert validate_args(args, world_size=2, cuda=False).num_microbatches == 3

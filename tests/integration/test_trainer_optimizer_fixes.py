@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(
 def runtime(dist_single):
     args = parse_args(
         ["--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads",
-         "2", "--seq-length", "16", "--micro-batch-size", "2", "--use-distributed-optimizer"]
+         "2", "--seq-length", "16", "--micro-batch-size", "2", "--use-distributed-optimizer",
+         "--train-iters", "4"]
     )  # fmt: skip
     validate_args(args, world_size=1, cuda=False)
     rt = setup(args)  # applies the fixes

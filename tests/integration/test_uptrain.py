@@ -16,7 +16,15 @@ from fusedkv_megatron import KVSharingConfig
 from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.fusion import equivalent_fusion_weight, init_fusion_weight, layer_plans
 from fusedkv_megatron.hf.mapping import ConversionError
-from tests.integration.trainer_helpers import TINY, data_flags, default_data, scalars
+from tests.integration.trainer_helpers import (
+    SHAPE_FLAGS,
+    TINY,
+    data_flags,
+    default_data,
+    run_cli,
+    scalars,
+    without,
+)
 from tests.tiny import tiny_batch
 from tests.unit.test_hf_model import assert_fp32_close
 
@@ -280,7 +288,7 @@ def test_eval_data_prints_the_trainers_validation_loss(data, vanilla, tmp_path, 
     trainer = scalars(vanilla[1], "validation/lm loss")[12]
     assert abs(original - trainer) < 6e-5, (original, trainer)
     assert abs(float(after.group(1)) - original - float(after.group(2))) < 2e-4
-    assert "--no-load-optim --no-load-rng" in out
+    assert "--use-checkpoint-args --pretrained-checkpoint" in out
     assert cf.read_latest_iteration(tmp_path / "out") == 0
 
 
@@ -305,3 +313,36 @@ def test_uptraining_at_tp2_pp2_lowers_the_loss(data, converted, tmp_path):
     first, last = sum(loss[i] for i in (1, 2, 3)) / 3, sum(loss[i] for i in (8, 9, 10)) / 3
     assert last < first - 0.1, f"loss {first:.3f} -> {last:.3f}"
     assert scalars(tb, "learning-rate")[1] < scalars(tb, "learning-rate")[2]  # warming up again
+
+
+def test_a_converted_checkpoint_loads_its_weights_without_extra_flags(data, converted, capfd):
+    """--load CONVERTED with neither --no-load-optim/--no-load-rng nor --fusion-init: the
+    weights load with one log line (no traceback), the converter's fusion_init is not
+    compared (it only decided the start), and the model comes from the checkpoint."""
+    flags = without(_train_flags(data), *SHAPE_FLAGS)
+    code, out, err = run_cli([*flags, "--use-checkpoint-args", "--load",
+                              converted["fusedkv", "lite"][1], "--train-iters", "2"], capfd)  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert "holds weights only" in out and "Traceback" not in err
+    assert "> model: fusedkv, 4 layers, hidden 64, ffn 128" in out
+    assert "training from iteration 0 to 2" in out
+
+
+def test_pretrained_checkpoint_then_resume_from_own_saves(data, converted, tmp_path, capfd):
+    """--pretrained-checkpoint CONVERTED --load OWN --save OWN: the first launch starts from the
+    converted weights at iteration 0; a second launch after an exit resumes from its own save.
+    An explicit --fusion-init that differs from the checkpoint's is accepted (init only); a
+    shape flag that differs is refused with both values."""
+    own = tmp_path / "own"
+    flags = [*without(_train_flags(data), *SHAPE_FLAGS), "--use-checkpoint-args",
+             "--pretrained-checkpoint", converted["fusedkv", "lite"][1], "--load", own,
+             "--save", own, "--train-iters", "4", "--fusion-init", "normal"]  # fmt: skip
+    code, out, err = run_cli([*flags, "--exit-interval", "2"], capfd)
+    assert code == 0, err[-3000:]
+    assert "starting from" in out and "training from iteration 0 to 4" in out
+    assert "loaded the weights of" in out and "exiting at iteration 2" in out
+    code, out, err = run_cli(flags, capfd)
+    assert code == 0, err[-3000:]
+    assert "training from iteration 2 to 4" in out and cf.read_latest_iteration(own) == 4
+    code, _, err = run_cli([*flags, "--hidden-size", "128"], capfd)
+    assert code == 2 and "--hidden-size 128 (the checkpoint: 64)" in err, err[-2000:]

@@ -19,6 +19,23 @@ TINY = [
 ]  # fmt: skip
 
 
+SHAPE_FLAGS = ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+               "--seq-length")  # fmt: skip
+
+
+def without(flags: list, *names: str) -> list:
+    """`flags` without the named flags and their values (one value each)."""
+    out, skip = [], False
+    for item in flags:
+        if skip:
+            skip = False
+        elif item in names:
+            skip = True
+        else:
+            out.append(item)
+    return out
+
+
 def default_data(tmp_path_factory) -> dict:
     """The embedded corpus, tokenized once per test session (prepare_default_data reuses it)."""
     from fusedkv_megatron.data.datasets import prepare_default_data

@@ -34,7 +34,9 @@ PRESETS = submit.PRESETS
 @pytest.fixture
 def config(tmp_path) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text("num_layers: 4\ntrain_iters: 10\n")
+    path.write_text(
+        "num_layers: 4\nhidden_size: 64\nnum_attention_heads: 4\nseq_length: 128\ntrain_iters: 10\n"
+    )
     return path
 
 

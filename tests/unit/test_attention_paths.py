@@ -97,7 +97,9 @@ def test_dispatch_reads_the_query_dtype(megatron_tp1, monkeypatch):
 
 
 def _args(*flags: str, cuda: bool, world: int = 1):
-    return validate_args(parse_args(["--mock-data", *flags]), world_size=world, cuda=cuda)
+    shape = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+             "--seq-length", "64", "--train-iters", "1"]  # fmt: skip
+    return validate_args(parse_args(["--mock-data", *shape, *flags]), world_size=world, cuda=cuda)
 
 
 def test_transformer_impl_default_and_errors(monkeypatch):
