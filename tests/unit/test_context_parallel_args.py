@@ -13,7 +13,9 @@ from fusedkv_megatron.training.arguments import ArgumentError, parse_args, valid
 
 
 def _args(*flags: str, world: int = 1, cuda: bool = False):
-    return validate_args(parse_args(["--mock-data", *flags]), world_size=world, cuda=cuda)
+    shape = ["--config", "examples/configs/tiny.yaml", "--tokenizer-type", "NullTokenizer"]
+    shape += ["--vocab-size", "512"]  # the model shape is required; mock data, no tokenizer
+    return validate_args(parse_args([*shape, "--mock-data", *flags]), world_size=world, cuda=cuda)
 
 
 def test_data_parallel_size_counts_context_parallel_ranks():
