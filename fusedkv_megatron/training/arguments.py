@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..config import FUSION_INITS, VARIANTS
+from .flags_observability import add_observability_flags, check_observability_args
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a SentencePiece .model file, or a local Hugging Face tokenizer directory",
     )
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    add_observability_flags(p)
     return p
 
 
@@ -520,4 +522,5 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         )
     if args.exit_duration_in_mins is not None and not math.isfinite(args.exit_duration_in_mins):
         raise ArgumentError(f"--exit-duration-in-mins={args.exit_duration_in_mins} must be finite")
+    check_observability_args(args, world_size, cuda)
     return args

@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..pipeline import pipeline_schedule_kwargs
 from .batches import microbatch_iterators
 from .checkpointing import TrainState
+from .observe import Observer
 from .reporting import fusion_weight_stats
 
 
@@ -105,12 +106,14 @@ class Trainer:
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.inject_nan_iters = set(self.args.inject_nan_iters or ())
+        self.observer = Observer(rt)  # timers, profiler, memory, params norm (observe.py)
+        reporter.attach(self.observer)
 
     def _data(self, dataset, consumed: int):
         its = microbatch_iterators(
             dataset, consumed, len(self.rt.model), self.args, self.dp_rank, self.rt.device
         )
-        return its[0] if len(its) == 1 else its
+        return self.observer.time_batches(its[0] if len(its) == 1 else its)
 
     def _run_schedule(self, data, forward_only: bool, inject_nan: bool = False):
         a = self.args
@@ -146,7 +149,8 @@ class Trainer:
         )
         grad_norm, skipped = None, True
         if not (bad_loss or bad_grad):
-            ok, grad_norm, _ = rt.optimizer.step()
+            with self.observer.timed("optimizer"):
+                ok, grad_norm, _ = rt.optimizer.step()
             if ok:
                 rt.scheduler.step(increment=1)
                 skipped = False
@@ -184,12 +188,14 @@ class Trainer:
             chunk.train()
         self.reporter.start()
         while state.iteration < a.train_iters:
+            self.observer.before_iteration(state.iteration)
             time_up = (
                 a.exit_duration_in_mins is not None
                 and (time.time() - start_time) / 60.0 > a.exit_duration_in_mins
             )
             step = self.train_step(state, data, time_up)
             state.iteration += 1
+            self.observer.after_iteration(state.iteration)
             state.consumed_train_samples += a.global_batch_size
             state.skipped_iters += int(step.skipped)
             in_a_row = in_a_row + 1 if step.non_finite else 0
