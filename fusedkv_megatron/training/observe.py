@@ -194,26 +194,36 @@ def _device():
 def memory_over_ranks() -> tuple[list[str], dict[str, float]]:
     """Collective: the largest memory figures over all ranks and the rank holding each."""
     if torch.cuda.is_available():
-        names = ("allocated", "max allocated")
+        kind = "cuda"
         local = [torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()]
-        tags = ("memory-allocated-gib", "memory-max-allocated-gib")
-        label = "memory (GiB)"
     else:
-        names = ("max RSS",)
+        kind = "cpu"
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         local = [kib * (1 if sys.platform == "darwin" else 1024)]  # macOS reports bytes
-        tags = ("host-memory-max-rss-gib",)
-        label = "host memory (GiB)"
-    world = torch.distributed.get_world_size()
     mine = torch.tensor(local, dtype=torch.float64, device=_device())
-    every = [torch.zeros_like(mine) for _ in range(world)]
+    every = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(every, mine)
-    table = torch.stack(every).cpu()  # [world, len(names)]
+    return describe_memory(kind, torch.stack(every).cpu())
+
+
+MEMORY_FIGURES = {  # kind: (log label, [(name, TensorBoard tag)])
+    "cuda": (
+        "memory (GiB)",
+        [("allocated", "memory-allocated-gib"), ("max allocated", "memory-max-allocated-gib")],
+    ),
+    "cpu": ("host memory (GiB)", [("max RSS", "host-memory-max-rss-gib")]),
+}
+
+
+def describe_memory(kind: str, table: torch.Tensor) -> tuple[list[str], dict[str, float]]:
+    """The log field and scalars of `table` [ranks, figures] (bytes): per figure its largest
+    value in GiB and the rank that has it (tag ...-rank)."""
+    label, figures = MEMORY_FIGURES[kind]
     best, where = table.max(dim=0)
     parts, scalars = [], {}
-    for i, (name, tag) in enumerate(zip(names, tags, strict=True)):
+    for i, (name, tag) in enumerate(figures):
         gib = float(best[i]) / GIB
         parts.append(f"{gib:.2f} {name} (rank {int(where[i])})")
         scalars[tag] = gib
-        scalars[f"{tag[:-4]}-rank"] = float(where[i])
+        scalars[tag.removesuffix("-gib") + "-rank"] = float(where[i])
     return [f"{label}: " + ", ".join(parts)], scalars

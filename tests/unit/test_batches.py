@@ -57,3 +57,18 @@ def test_batches_keep_the_training_dtypes():
         "loss_mask": torch.float,
         "position_ids": torch.long,
     }
+
+
+def test_virtual_pipeline_chunks_read_one_loader_in_the_same_order():
+    """Each model chunk sees the same microbatches, whichever chunk reads first."""
+    from argparse import Namespace
+
+    from fusedkv_megatron.training.batches import microbatch_iterators
+
+    args = Namespace(micro_batch_size=2, data_parallel_size=1, num_workers=2)
+    dataset = [_sample(i) for i in range(8)]
+    first, second = microbatch_iterators(dataset, 2, 2, args, 0, "cpu")
+    a = [next(first)["tokens"][:, 0].tolist() for _ in range(2)]
+    b = [next(second)["tokens"][:, 0].tolist() for _ in range(3)]
+    a.append(next(first)["tokens"][:, 0].tolist())
+    assert a == b == [[2, 3], [4, 5], [6, 7]]

@@ -1,0 +1,73 @@
+"""The observability pieces on their own: the profiler records exactly the asked iterations on
+the asked ranks, and memory is reported as the largest value over the ranks with its rank."""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+
+import pytest
+import torch
+
+from fusedkv_megatron.training import observe
+from fusedkv_megatron.training.profiling import StepProfiler
+
+
+def _profiled_spans(tmp_path, rank: int, start: int, end: int, iterations: int) -> dict:
+    """Run `iterations` fake training steps under StepProfiler; {trace file: iteration spans}."""
+    args = Namespace(profile=True, profile_ranks=[1], profile_step_start=start,
+                     profile_step_end=end, profile_dir=str(tmp_path))  # fmt: skip
+    prof = StepProfiler(args, rank)
+    x = torch.randn(32, 32)
+    for finished in range(iterations):
+        prof.before(finished)
+        x = torch.tanh(x @ x)
+        prof.after(finished + 1)
+    prof.close()
+    spans = {}
+    for name in os.listdir(tmp_path):
+        events = json.loads((tmp_path / name).read_text())["traceEvents"]
+        spans[name] = sorted(
+            int(e["name"].split()[1])
+            for e in events
+            if str(e.get("name", "")).startswith("iteration ")
+        )
+    return spans
+
+
+@pytest.mark.parametrize(
+    "start, end, iterations, want",
+    [(1, 3, 5, [2, 3]), (0, 2, 5, [1, 2]), (2, 9, 4, [3, 4])],
+    ids=["window", "from-the-first", "cut-short-by-the-end"],
+)
+def test_profiler_traces_iterations_start_plus_1_to_end(tmp_path, start, end, iterations, want):
+    spans = _profiled_spans(tmp_path, 1, start, end, iterations)
+    assert len(spans) == 1, spans
+    (name, got), = spans.items()  # fmt: skip
+    assert name.startswith("rank1.") and name.endswith(".pt.trace.json")
+    assert got == want
+
+
+def test_profiler_leaves_other_ranks_alone(tmp_path):
+    assert _profiled_spans(tmp_path, 0, 1, 3, 5) == {}
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_memory_is_the_max_over_ranks_with_the_rank_that_has_it(kind):
+    """Each figure is maximised on its own: the peak may sit on another rank than the
+    allocation (the real all-gather runs in the multi-process trainer test)."""
+    gib = 2.0**30
+    table = torch.tensor([[2.0, 7.0], [5.0, 1.0], [3.0, 6.5]], dtype=torch.float64) * gib
+    fields, scalars = observe.describe_memory(kind, table[:, :1] if kind == "cpu" else table)
+    if kind == "cpu":
+        assert fields == ["host memory (GiB): 5.00 max RSS (rank 1)"]
+        assert scalars == {"host-memory-max-rss-gib": 5.0, "host-memory-max-rss-rank": 1.0}
+    else:
+        assert fields == ["memory (GiB): 5.00 allocated (rank 1), 7.00 max allocated (rank 0)"]
+        assert scalars == {
+            "memory-allocated-gib": 5.0,
+            "memory-allocated-rank": 1.0,
+            "memory-max-allocated-gib": 7.0,
+            "memory-max-allocated-rank": 0.0,
+        }
