@@ -71,3 +71,41 @@ def test_memory_is_the_max_over_ranks_with_the_rank_that_has_it(kind):
             "memory-max-allocated-gib": 7.0,
             "memory-max-allocated-rank": 0.0,
         }
+
+
+BAD_FLAGS = [
+    (["--num-workers", "-1"], "--num-workers=-1 must be >= 0"),
+    (
+        ["--profile", "--profile-step-start", "3", "--profile-step-end", "3"],
+        "need 0 <= start < end",
+    ),
+    (["--profile", "--profile-ranks", "0", "2"], r"--profile-ranks \[2\] are not ranks"),
+    (["--profile", "--tensorboard-dir", ""], "--profile needs a place for the trace"),
+    (
+        ["--log-timers-to-tensorboard", "--timing-log-level", "1", "--tensorboard-dir", ""],
+        "needs --tensorboard-dir",
+    ),
+    (["--log-timers-to-tensorboard", "--tensorboard-dir", "tb"], "has no timers to write"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[m[:24] for _, m in BAD_FLAGS])
+def test_bad_observability_flags_name_the_fix(argv, message):
+    from fusedkv_megatron.training.arguments import ArgumentError, build_parser
+    from fusedkv_megatron.training.flags_observability import check_observability_args
+
+    args = build_parser().parse_args(["--tensorboard-dir", "tb", *argv])
+    with pytest.raises(ArgumentError, match=message):
+        check_observability_args(args, world_size=2, cuda=False)
+
+
+def test_observability_defaults():
+    from fusedkv_megatron.training.arguments import build_parser
+    from fusedkv_megatron.training.flags_observability import check_observability_args
+
+    for cuda, workers in ((False, 0), (True, 2)):
+        args = build_parser().parse_args(["--profile", "--tensorboard-dir", "tb"])
+        check_observability_args(args, world_size=1, cuda=cuda)
+        assert args.num_workers == workers and args.profile_dir == "tb"
+        assert (args.profile_step_start, args.profile_step_end, args.profile_ranks) == (10, 12, [0])
+        assert args.barrier_with_level_1_timing and args.timing_log_level == 0
