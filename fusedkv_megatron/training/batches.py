@@ -17,11 +17,14 @@ What a checkpoint records is the trainer's consumed-sample count, never the load
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+from .signals import EXIT_SIGNALS
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 _DTYPES = {
@@ -52,6 +55,13 @@ class MicrobatchSampler:
         while (start := position + self.rank * self.mbs) + self.mbs <= self.size:
             yield list(range(start, start + self.mbs))
             position += self.mbs * self.dp
+
+
+def ignore_exit_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: SLURM signals every process of a job, and a worker
+    that died of it would fail the step instead of letting the trainer save and exit."""
+    for sig in EXIT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def collate_microbatch(samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -93,6 +103,7 @@ class MicrobatchIterator(Iterator):
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            worker_init_fn=ignore_exit_signals,
         )
         self._batches = iter(loader)
 

@@ -1,14 +1,27 @@
 """fusedkv-pretrain with DataLoader workers reads the same samples as without, also across a
-resume; and with --fp16 the log carries the loss scale. In this process (world size 1, CPU)."""
+resume, and a SIGTERM to every process of the job (workers included, as SLURM sends it) still
+saves and exits 0; with --fp16 the log carries the loss scale. World size 1, CPU."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 
 import pytest
 
 from fusedkv_megatron import checkpoint_format as cf
-from tests.integration.trainer_helpers import TINY, data_flags, default_data, run_cli, scalars
+from tests.integration.trainer_helpers import (
+    REPO,
+    TINY,
+    cli_command,
+    cli_env,
+    data_flags,
+    default_data,
+    run_cli,
+    scalars,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +66,29 @@ def test_fp16_logs_the_loss_scale(data, tmp_path, capfd):
         halvings = skipped[i] - skipped[i - 1]
         assert scale[i] == scale[i - 1] / 2**halvings
     assert all(v > 1.0 and float(v).is_integer() for v in scale.values())
+
+
+def test_sigterm_to_the_workers_too_saves_and_exits_0(data, tmp_path):
+    """SLURM signals every process of a job step: the loader's workers ignore it, so the
+    trainer finishes the iteration, saves and exits as it does without workers."""
+    ckpt = tmp_path / "ckpt"
+    cmd = cli_command([*TINY, *data_flags(data), "--train-iters", "2000", "--num-workers", "2",
+                       "--eval-iters", "0", "--save", ckpt])  # fmt: skip
+    errors = open(tmp_path / "stderr.txt", "w+")  # a file: an unread pipe could fill and block
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True,
+                            env=cli_env(), cwd=REPO, start_new_session=True)  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith(" iteration        3/"):
+                break
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its loader workers
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        errors.seek(0)
+        err = errors.read()
+        errors.close()
+    assert proc.returncode == 0, err[-3000:]
+    stopped = cf.read_latest_iteration(ckpt)
+    assert stopped is not None and f"exiting at iteration {stopped}: SIGTERM" in out
