@@ -111,6 +111,7 @@ def interpreted() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_triton_decode_equals_the_torch_path(interpreted, case):
     """Prefill and three cached decode steps: the same logits through the kernel as through
