@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import traceback
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -64,12 +66,41 @@ def run_case(variant, head_dim, heads, kv_heads) -> None:
     assert_fp32_close(fused, plain)
 
 
+def run_export() -> None:
+    """An export written by the converter and loaded as remote code (its own copy of the
+    kernel, imported relative to the export) decodes to the package model's torch logits."""
+    from transformers import AutoModelForCausalLM
+
+    from fusedkv_megatron.hf.convert import write_hf_weights
+
+    m = model("fusedkv", head_dim=16)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "_weight_" in name:
+                p.normal_(1.0, 0.3)
+    ids = prompt(batch=2, length=12)
+    os.environ[modeling_fusedkv.BACKEND_ENV] = "torch"
+    want = decode_logits(m, ids, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        write_hf_weights(m.config, dict(m.state_dict()), out, torch.float32)
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        code = __import__(type(remote).__module__, fromlist=["_triton_decode"])
+        assert code is not modeling_fusedkv and "transformers_modules" in code.__name__
+        os.environ[modeling_fusedkv.BACKEND_ENV] = "triton"
+        got = decode_logits(remote, ids, 3)
+        kernel_module = code._triton_decode()[1].__module__
+    assert "transformers_modules" in kernel_module and "triton_decode_fusedkv" in kernel_module
+    assert_fp32_close(got, want)
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results = {}
-    for name, case in CASES.items():
+    for name, run in [*((n, lambda c=c: run_case(*c)) for n, c in CASES.items()),
+                      ("export", run_export)]:  # fmt: skip
         try:
-            run_case(*case)
+            run()
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc()

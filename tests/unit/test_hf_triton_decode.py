@@ -97,8 +97,9 @@ def test_torch_off_cuda_unless_triton_is_forced(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def interpreted(tmp_path_factory) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("hf_modules"))}  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "tests.unit.hf_decode_worker"],
         cwd=REPO,
@@ -117,3 +118,10 @@ def test_triton_decode_equals_the_torch_path(interpreted, case):
     """Prefill and three cached decode steps: the same logits through the kernel as through
     `attend_to_sources`, and the kernel ran in every reconstruction layer at every step."""
     assert interpreted[case] is None, interpreted[case]
+
+
+@pytest.mark.slow
+def test_an_export_loaded_as_remote_code_decodes_with_its_own_kernel(interpreted):
+    """write_hf_weights' directory, loaded with trust_remote_code: the kernel comes from the
+    export's own triton_decode_fusedkv.py and gives the torch path's logits."""
+    assert interpreted["export"] is None, interpreted["export"]
