@@ -75,7 +75,8 @@ def add_observability_flags(parser: argparse.ArgumentParser) -> None:
         "--log-timers-to-tensorboard",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="also write the timers (max over ranks, ms per iteration) as NAME-time scalars",
+        help="also write the timers to TensorBoard as NAME-time scalars (max over ranks, "
+        "seconds per iteration, as Megatron-LM)",
     )
     g.add_argument(
         "--barrier-with-level-1-timing",

@@ -158,16 +158,16 @@ class Observer:
             text, times = self._timer_report(max(iterations, 1))
             if text:
                 lines.append(text)
-            if self.args.log_timers_to_tensorboard:
-                scalars.update({f"{name}-time": ms for name, ms in times.items()})
+            if self.args.log_timers_to_tensorboard:  # seconds, as Megatron-LM writes them
+                scalars.update({f"{name}-time": sec for name, sec in times.items()})
         return fields, scalars, lines
 
     def _timer_report(self, iterations: int) -> tuple[str | None, dict[str, float]]:
-        """The timers' text in --timing-log-option's form and {name: max ms per iteration};
-        resets them."""
+        """The timers' text (ms per iteration) in --timing-log-option's form and {name: max
+        over ranks in seconds per iteration}; resets them."""
         names = list(TIMERS_TO_LOG)
         text = self.timers.get_all_timers_string(names, normalizer=iterations, reset=False)
-        min_max = self.timers._get_global_min_max_time(names, True, False, iterations / 1000.0)
+        min_max = self.timers._get_global_min_max_time(names, True, False, iterations)
         return text, {name: hi for name, (_, hi) in min_max.items()}
 
 
