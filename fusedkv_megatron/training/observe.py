@@ -72,6 +72,10 @@ class _TimedBatches(Iterator):
 
 
 class Observer:
+    """The run's timers (attached to Megatron's configs at --timing-log-level >= 1), its
+    profiler, and the interval's extra log fields; the Trainer calls the hooks, the Reporter
+    `interval` at each log line."""
+
     def __init__(self, rt):
         from megatron.core.timers import Timers
 
