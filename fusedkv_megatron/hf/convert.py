@@ -38,7 +38,7 @@ from .tokenizer import (
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
-REMOTE_CODE_FILES = ("configuration_fusedkv.py", "modeling_fusedkv.py")
+REMOTE_CODE_FILES = ("configuration_fusedkv.py", "modeling_fusedkv.py", "triton_decode_fusedkv.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_fusedkv.FusedKVConfig",
     "AutoModel": "modeling_fusedkv.FusedKVModel",

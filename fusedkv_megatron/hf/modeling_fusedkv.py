@@ -11,10 +11,16 @@ kept equal to the trainer's (fusedkv_megatron.fusion) by the fusedkv_megatron te
 - Top-half prefill: the layers after the last storage layer only need the tokens whose logits
   are kept, because no later layer reads their K/V. With `logits_to_keep=1` (what `generate()`
   passes) the top half of a FusedKV/YOCO model runs on the last prompt token only.
+- Decode: a reconstruction layer with few queries attends to its sources directly; on CUDA,
+  when Triton imports, through the Triton decode kernel of triton_decode_fusedkv.py (exported
+  with this file), else in torch. `FUSEDKV_ATTENTION_BACKEND=torch` keeps torch; `=triton`
+  insists on the kernel (on CPU only under TRITON_INTERPRET=1, for tests).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -154,6 +160,54 @@ def attend_to_sources(query, keys, key_weights, values, value_weights, attention
     return out.view(b, heads, n, d).transpose(1, 2).contiguous()
 
 
+BACKEND_ENV = "FUSEDKV_ATTENTION_BACKEND"
+
+
+@functools.cache
+def _triton_decode():
+    """(supported, fused_reconstruction_decode) of the exported kernel when Triton imports,
+    else None. (Spelled `from .x import`: transformers copies the files it finds that way.)"""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    from .triton_decode_fusedkv import fused_reconstruction_decode, supported
+
+    return supported, fused_reconstruction_decode
+
+
+def use_triton_decode(x: torch.Tensor) -> bool:
+    """Whether decode of tensors like `x` runs the Triton kernel: FUSEDKV_ATTENTION_BACKEND
+    auto (default: on CUDA when Triton imports), triton (also on CPU under TRITON_INTERPRET=1;
+    an error where it cannot run) or torch (never)."""
+    choice = (os.environ.get(BACKEND_ENV, "auto") or "auto").strip().lower()
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r} is not one of auto, triton, torch")
+    if choice == "torch":
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    runnable = (x.is_cuda or interpret) and _triton_decode() is not None
+    if choice == "triton" and not runnable:
+        raise RuntimeError(
+            f"{BACKEND_ENV}=triton but the Triton decode kernel cannot run on {x.device} "
+            f"(triton importable: {_triton_decode() is not None}); use a CUDA device, "
+            "TRITON_INTERPRET=1 on CPU, or auto/torch"
+        )
+    return runnable and (choice == "triton" or x.is_cuda)
+
+
+def triton_attend_to_sources(query, keys, key_weights, values, value_weights, scaling):
+    """`attend_to_sources` (causal, no mask) through the Triton decode kernel; None where the
+    kernel does not take these tensors (head dim, more than two sources, int32 offsets)."""
+    supported, decode = _triton_decode()
+    q = query.transpose(1, 2)  # [b, n, heads, d], as the kernel takes it
+    ks = [k.transpose(1, 2) for k in keys]
+    vs = [v.transpose(1, 2) for v in values]
+    if not supported(q, ks, vs):
+        return None
+    return decode(q, ks, vs, key_weights, value_weights, scaling)
+
+
 class FusedKVAttention(nn.Module):
     """Storage layer: own Q/K/V (k-norm, RoPE, cached). Reconstruction layer: own Q only; K and
     V fused from the sources with per-channel weights (keys tied per RoPE pair)."""
@@ -244,8 +298,13 @@ class FusedKVAttention(nn.Module):
             key_w = [self.fusion_weight("key", j) for j in range(len(key_terms))]
             value_w = [self.fusion_weight("value", j) for j in range(len(value_terms))]
             if self._attends_directly(s, attention_mask):
-                out = attend_to_sources(q, keys, key_w, values, value_w, attention_mask,
-                                        self.scaling)  # fmt: skip
+                out = None
+                forward_only = not (torch.is_grad_enabled() and q.requires_grad)
+                if attention_mask is None and forward_only and use_triton_decode(q):
+                    out = triton_attend_to_sources(q, keys, key_w, values, value_w, self.scaling)
+                if out is None:
+                    out = attend_to_sources(q, keys, key_w, values, value_w, attention_mask,
+                                            self.scaling)  # fmt: skip
                 return self.o_proj(out.reshape(b, s, -1))
             k, v = fuse(keys, key_w), fuse(values, value_w)
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

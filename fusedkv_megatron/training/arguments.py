@@ -26,6 +26,7 @@ from ..config import FUSION_INITS, VARIANTS
 from .flag_utils import ArgumentError, add_bool, check_positive
 from .flags_checkpoint import add_checkpoint_flags, apply_checkpoint_args
 from .flags_context import add_context_flags, check_context_args
+from .flags_observability import add_observability_flags, check_observability_args
 from .flags_schedule import ALTERNATIVES, add_schedule_flags, check_schedule_args
 
 __all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args"]
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_flags(p)
     add_checkpoint_flags(p)
     add_context_flags(p)
+    add_observability_flags(p)
     return p
 
 
@@ -537,4 +539,5 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
     # Flag-module checks, one line each (flags_<topic>.py: check_<topic>_args); they run after
     # the derivations above (data-parallel size, batch sizes, tokenizer type).
     check_schedule_args(args)
+    check_observability_args(args, world_size, cuda)
     return args

@@ -26,6 +26,7 @@ from ..pipeline import pipeline_schedule_kwargs
 from .batches import microbatch_iterators
 from .checkpointing import TrainState
 from .memory_report import MemoryReport
+from .observe import Observer
 from .reporting import fusion_weight_stats
 from .schedule import BatchSizes
 
@@ -116,12 +117,14 @@ class Trainer:
         self.batch_sizes = BatchSizes(self.args)
         self.inject_nan_iters = set(self.args.inject_nan_iters or ())
         self.memory = MemoryReport(rt)  # the planner's peak, then measured against it
+        self.observer = Observer(rt)  # timers, profiler, memory, params norm (observe.py)
+        reporter.attach(self.observer)
 
     def _data(self, dataset, consumed: int):
         its = microbatch_iterators(
             dataset, consumed, len(self.rt.model), self.args, self.dp_rank, self.rt.device
         )
-        return its[0] if len(its) == 1 else its
+        return self.observer.time_batches(its[0] if len(its) == 1 else its)
 
     def _run_schedule(
         self, data, forward_only: bool, inject_nan: bool = False, num_microbatches=None
@@ -160,7 +163,8 @@ class Trainer:
         )
         grad_norm, skipped = None, True
         if not (bad_loss or bad_grad):
-            ok, grad_norm, _ = rt.optimizer.step()
+            with self.observer.timed("optimizer"):
+                ok, grad_norm, _ = rt.optimizer.step()
             if ok:
                 rt.scheduler.step(increment=batch[0])
                 skipped = False
@@ -198,6 +202,7 @@ class Trainer:
             chunk.train()
         self.reporter.start()
         while state.iteration < a.train_iters:
+            self.observer.before_iteration(state.iteration)
             time_up = (
                 a.exit_duration_in_mins is not None
                 and (time.time() - start_time) / 60.0 > a.exit_duration_in_mins
@@ -206,6 +211,7 @@ class Trainer:
             with self.memory.watch():
                 step = self.train_step(state, data, time_up, batch)
             state.iteration += 1
+            self.observer.after_iteration(state.iteration)
             state.consumed_train_samples += batch[0]
             state.skipped_iters += int(step.skipped)
             state.skipped_samples += batch[0] if step.skipped else 0

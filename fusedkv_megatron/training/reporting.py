@@ -4,8 +4,9 @@ Like Megatron-LM, the last rank prints and writes TensorBoard (it holds the loss
 parallelism). TensorBoard tags: "lm loss", "learning-rate", "grad-norm", "tokens-per-sec",
 "iteration-time-ms", "consumed-samples", "skipped-iterations", "validation/lm loss",
 "validation/ppl", "test/..." and, per reconstruction layer L and fusion weight W,
-"fusion/layer_L/W/{mean,std,abs_mean,min,max}"; on GPU also "tflops-per-gpu", "mfu",
-"memory-allocated-gb" and "memory-max-allocated-gb".
+"fusion/layer_L/W/{mean,std,abs_mean,min,max}"; on GPU also "tflops-per-gpu" and "mfu". Memory,
+the parameter norm, the fp16 loss scale and the per-phase timers come from `observe.Observer`
+(its docstring lists their tags).
 
 With --wandb-project every scalar also goes to Weights & Biases (same tags, step = iteration),
 through `Reporter.scalar`, the one place scalars are written.
@@ -143,7 +144,12 @@ class Reporter:
 
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=100)
         self.wandb_run = start_wandb(args) if is_log_rank() else None
+        self.observer = None
         self._reset()
+
+    def attach(self, observer) -> None:
+        """The run's `observe.Observer`: its fields, scalars and timers join each interval."""
+        self.observer = observer
 
     def _reset(self) -> None:
         self.sums = defaultdict(float)
@@ -156,9 +162,13 @@ class Reporter:
         """The first interval starts here (not when the reporter was built)."""
         self.timer.restart()
 
+    @contextlib.contextmanager
     def excluded(self):
-        """Context manager for evaluation and checkpoint saves: not counted as training time."""
-        return self.timer.excluded()
+        """Context manager for evaluation and checkpoint saves: not counted as training time
+        (nor in the per-phase timers)."""
+        detached = self.observer.detached() if self.observer else contextlib.nullcontext()
+        with self.timer.excluded(), detached:
+            yield
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if value is None or not math.isfinite(value):
@@ -228,15 +238,17 @@ class Reporter:
             elif self.no_mfu_reason:
                 print_last(f"> MFU not reported: {self.no_mfu_reason}")
                 self.no_mfu_reason = None  # said once
-            alloc = torch.cuda.memory_allocated() / 2**30
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            fields.append(f"memory (GiB): {alloc:.1f} allocated, {peak:.1f} max")
-            scalars["memory-allocated-gb"] = alloc
-            scalars["memory-max-allocated-gb"] = peak
+        lines = []
+        if self.observer is not None:  # collective: every rank logs each interval
+            more_fields, more_scalars, lines = self.observer.interval(self.iters)
+            fields += more_fields
+            scalars.update(more_scalars)
         fields.append(f"skipped iterations: {skipped_total}")
         if nan_in_row:
             fields.append(f"non-finite in a row: {nan_in_row}")
         print_last(" " + " | ".join(fields) + " |")
+        for line in lines:
+            print_last(line)
         for tag, value in {**scalars, **fusion_stats}.items():
             self.scalar(tag, value, iteration)
         if self.writer is not None:
@@ -254,6 +266,8 @@ class Reporter:
             self.writer.flush()
 
     def close(self) -> None:
+        if self.observer is not None:
+            self.observer.close()
         if self.writer is not None:
             self.writer.close()
         if self.wandb_run is not None:

@@ -18,6 +18,7 @@ import torch
 from fusedkv_megatron import VARIANTS
 from fusedkv_megatron import checkpoint_format as cf
 from fusedkv_megatron.hf.convert import (
+    REMOTE_CODE_FILES,
     hf_to_megatron,
     load_hf_tensors,
     main_to_hf,
@@ -92,7 +93,7 @@ def test_stock_and_remote_code_exports(exports):
         else:
             assert cfg["model_type"] == "fusedkv_qwen3" and cfg["kv_sharing"] == variant
             assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_fusedkv.FusedKVForCausalLM"
-            assert code == ["configuration_fusedkv.py", "modeling_fusedkv.py"]
+            assert code == sorted(REMOTE_CODE_FILES)
         gen = json.loads((hf_dir / "generation_config.json").read_text())
         assert gen["eos_token_id"] == EOD
 

@@ -115,8 +115,8 @@ def test_saved_directory_is_a_complete_export(runs, export):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = runs[0][3][0]
-    for name in ("configuration_fusedkv.py", "modeling_fusedkv.py", "tokenizer.model",
-                 "tokenizer.json", "generation_config.json"):  # fmt: skip
+    for name in ("configuration_fusedkv.py", "modeling_fusedkv.py", "triton_decode_fusedkv.py",
+                 "tokenizer.model", "tokenizer.json", "generation_config.json"):  # fmt: skip
         assert (out / name).read_bytes() == (export[1] / name).read_bytes(), name
     assert json.loads((out / "config.json").read_text())["auto_map"]
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
