@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..config import FUSION_INITS, VARIANTS
+from .flags_fastpath import add_fastpath_flags, check_fastpath_args
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a SentencePiece .model file, or a local Hugging Face tokenizer directory",
     )
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    add_fastpath_flags(p)
     return p
 
 
@@ -384,6 +386,7 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         raise ArgumentError(f"--eval-iters={args.eval_iters} must be >= 0 (0 disables evaluation)")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are both set; choose one")
+    check_fastpath_args(args, cuda)
     _check_transformer_impl(args, cuda)
     if args.fp8_format is not None:
         if args.transformer_impl != "transformer_engine":
