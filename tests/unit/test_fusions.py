@@ -58,7 +58,7 @@ def test_fused_swiglu_and_residual_match_unfused_for_every_variant(megatron_tp1,
         assert grads_f.keys() == grads_u.keys()
         for name in grads_u:
             torch.testing.assert_close(
-                grads_f[name], grads_u[name], msg=lambda m, n=name: f"{variant} {n}: {m}"
+                grads_f[name], grads_u[name], msg=lambda m, n=name, v=variant: f"{v} {n}: {m}"
             )
 
 
@@ -104,9 +104,7 @@ def test_trainer_config_carries_the_fusion_state(monkeypatch):
     from fusedkv_megatron.training import initialize
     from fusedkv_megatron.training.arguments import validate_args
 
-    args = validate_args(
-        parse_args(["--mock-data", "--no-rope-fusion"]), world_size=1, cuda=False
-    )
+    args = validate_args(parse_args(["--mock-data", "--no-rope-fusion"]), world_size=1, cuda=False)
     monkeypatch.setattr(initialize.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(fastpath, "apex_wgrad_available", lambda: False)
     states = initialize.fusion_states(args)
