@@ -60,8 +60,12 @@ def gpu_signals(env=None) -> list[str]:
         found.append(f"CUDA_VISIBLE_DEVICES={cvd}")
     for var in SLURM_GPU_VARS:
         value = env.get(var, "").strip()
-        if value and value not in ("0", "(null)"):
-            found.append(f"{var}={value}")
+        if not value or value == "(null)":
+            continue
+        counts = var not in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS")  # the others: [type:]count
+        if counts and value.split(":")[-1] == "0":
+            continue
+        found.append(f"{var}={value}")
     return found
 
 
