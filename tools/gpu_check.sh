@@ -142,7 +142,7 @@ if [ "$rc1" = 0 ]; then
   step "stage 2: kernel benchmarks at 2k and 8k, head dims 64 96 128 160 (timeout ${T2}s each)"
   start=$SECONDS
   rc2=0
-  if [ "$GPU_CUDA" = 1 ]; then kargs=(--seqs 2048 8192); else kargs=(--smoke-cpu --seqs 64 --tokens 128 --decode-batch 2); fi
+  if [ "$GPU_CUDA" = 1 ]; then kargs=(--seqs 2048 8192); else kargs=(--smoke-cpu --seqs 20 --tokens 20 --decode-batch 1 --heads 2 --kv-heads 1); fi
   for d in 64 96 128 160; do
     # shellcheck disable=SC2086
     TRITON_INTERPRET=$((1 - GPU_CUDA)) timeout "$T2" "$PY" tools/bench_kernels.py "${kargs[@]}" \

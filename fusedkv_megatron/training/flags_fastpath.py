@@ -64,12 +64,6 @@ def check_fastpath_args(args: argparse.Namespace, cuda: bool) -> None:
     Raises ArgumentError naming the value and the fix."""
     from .arguments import ArgumentError
 
-    if not cuda and not args.allow_cpu:
-        from .gpu_visibility import gpus_visible_but_unusable
-
-        message = gpus_visible_but_unusable()
-        if message:
-            raise ArgumentError(message)
     if args.overlap_param_gather:
         if not args.use_distributed_optimizer:
             raise ArgumentError(
@@ -90,6 +84,23 @@ def check_fastpath_args(args: argparse.Namespace, cuda: bool) -> None:
         raise ArgumentError(f"--ddp-bucket-size={args.ddp_bucket_size} must be > 0 (elements)")
     _check_fp8_recipe(args, cuda)
     _check_forced_triton(args)
+
+
+def check_gpus_usable(args: argparse.Namespace) -> None:
+    """The trainer's first check on every rank: GPUs the system shows but torch cannot use
+    are an error (exit 2, with the fix) unless --allow-cpu. Not part of validate_args, which
+    also serves fusedkv-plan (planning on a machine without GPUs is normal)."""
+    import torch
+
+    from .arguments import ArgumentError
+
+    if args.allow_cpu or torch.cuda.is_available():
+        return
+    from .gpu_visibility import gpus_visible_but_unusable
+
+    message = gpus_visible_but_unusable()
+    if message:
+        raise ArgumentError(message)
 
 
 def _check_fp8_recipe(args: argparse.Namespace, cuda: bool) -> None:

@@ -34,7 +34,7 @@ from ..fastpath import fusion_fields, resolve_fusions
 from ..fusion import FUSION_WEIGHT_GLOBS
 from ..pipeline import check_layout
 from .arguments import ArgumentError
-from .flags_fastpath import disabled_fusions
+from .flags_fastpath import check_gpus_usable, disabled_fusions
 from .model_size import padded_vocab  # one padding rule for the trainer and the planner
 
 # Fusion weights get no weight decay (our choice, docs/model.md); norms and biases neither.
@@ -250,6 +250,7 @@ def connect_schedule_hooks(
 
 def setup(args) -> Runtime:
     """Everything up to (not including) checkpoint loading and data."""
+    check_gpus_usable(args)
     init_model_parallel(args)
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)

@@ -75,10 +75,13 @@ def test_message_names_driver_cuda_build_and_fix(fake_smi):
     assert message is not None
     assert DRIVER in message and "SLURM_JOB_GPUS=0" in message
     assert f"CUDA {torch.version.cuda}" in message and "--allow-cpu" in message
-    args = parse_args(["--mock-data"])
+    from fusedkv_megatron.training.flags_fastpath import check_gpus_usable
+
     with pytest.raises(ArgumentError, match="--allow-cpu"):
-        validate_args(args, world_size=1, cuda=False)
-    validate_args(parse_args(["--mock-data", "--allow-cpu"]), world_size=1, cuda=False)
+        check_gpus_usable(parse_args(["--mock-data"]))
+    check_gpus_usable(parse_args(["--mock-data", "--allow-cpu"]))
+    # fusedkv-plan validates the same flags without checking the machine
+    validate_args(parse_args(["--mock-data"]), world_size=1, cuda=False)
 
 
 @pytest.mark.slow
