@@ -27,13 +27,15 @@ def add_fastpath_flags(parser: argparse.ArgumentParser) -> None:
         )
     g.add_argument(
         "--overlap-param-gather",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="overlap the distributed optimizer's parameter all-gather with the next forward "
         "(needs --use-distributed-optimizer and --overlap-grad-reduce)",
     )
     g.add_argument(
         "--align-param-gather",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="launch every pipeline stage's parameter all-gathers together from the schedule "
         "(Megatron's setting for an interleaved pipeline; on by itself with "
         "--overlap-param-gather and a virtual pipeline)",
@@ -47,7 +49,8 @@ def add_fastpath_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--allow-cpu",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="train on the CPU even though GPUs are visible to the system (nvidia-smi, "
         "CUDA_VISIBLE_DEVICES, SLURM_*GPUS*) but torch cannot use them; without it that "
         "is an error",
