@@ -128,9 +128,11 @@ def _check_forced_triton(args: argparse.Namespace) -> None:
     TF32 (auto keeps fp32 on the exact materialising path): refuse at start-up."""
     import os
 
-    from ..kernels import BACKEND_ENV
     from .arguments import ArgumentError
 
+    # kernels.BACKEND_ENV, not imported: validate_args runs without torch (fusedkv-plan and
+    # slurm/submit.py on a login node)
+    BACKEND_ENV = "FUSEDKV_ATTENTION_BACKEND"
     if os.environ.get(BACKEND_ENV, "auto").strip().lower() != "triton":
         return
     if args.bf16 or args.fp16:
