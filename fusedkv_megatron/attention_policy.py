@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import BACKEND_ENV, head_dim_supported, requested_backend, use_triton
+from .kernels import (
+    BACKEND_ENV,
+    head_dim_supported,
+    launch_limit_blockers,
+    log_fallback_once,
+    requested_backend,
+    use_triton,
+)
 
 PACKED_DOCUMENTS = "packed documents (an attention mask; the kernel has no document boundaries)"
 
@@ -59,9 +66,10 @@ def fused_attention_applies(
     """Whether a ReconstructionAttention `module` runs the Triton kernel for the query `q`
     (and the source tensors it would read): auto picks it on CUDA when q is fp16/bf16, the
     sources have q's dtype and the layer is supported (else the materializing path; fp32 would
-    make the kernel's dots TF32); a forced `triton` raises on an unsupported layer. An
-    `attention_mask` (packed documents) takes the materializing path: the kernel is causal
-    over one sequence and has no document boundaries."""
+    make the kernel's dots TF32) and the tensors fit the kernels' launch limits (grid size,
+    int32 offsets: else the materializing path with one log line); a forced `triton` raises
+    on an unsupported layer. An `attention_mask` (packed documents) takes the materializing
+    path: the kernel is causal over one sequence and has no document boundaries."""
     if not use_triton(q, backend):
         return False
     why = _unsupported(module)
@@ -71,6 +79,10 @@ def fused_attention_applies(
     if mixed:
         why.append(f"sources in {', '.join(mixed)} but the query in {q.dtype}")
     forced = requested_backend(backend) == "triton"
+    limits = launch_limit_blockers(q, sources[0]) if sources else []
+    if limits and not forced and not why and q.dtype in (torch.float16, torch.bfloat16):
+        log_fallback_once(f"layer {module.layer_number}", limits)
+    why += limits
     if why and forced:
         raise RuntimeError(
             f"{BACKEND_ENV}=triton, but layer {module.layer_number} cannot use the fused "

@@ -16,6 +16,7 @@ kernel is the layer's policy, next to the attention modules (`attention_policy.p
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 from torch import Tensor
@@ -26,6 +27,58 @@ from .reference import reconstruction_attention_reference, reconstruction_decode
 BACKEND_ENV = "FUSEDKV_ATTENTION_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 HEAD_DIMS = tuple(range(16, 257, 16))  # what the fused kernels take (padded tiles)
+GRID_Y_MAX = 65535  # CUDA's limit on a grid's second dimension
+INT32_MAX = 2**31 - 1
+log = logging.getLogger(__name__)
+_fallbacks_logged: set[str] = set()
+
+
+def _largest_offset(shape, strides, batch_dim: int) -> int:
+    return sum((n - 1) * abs(st) for i, (n, st) in enumerate(zip(shape, strides)) if i != batch_dim)
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def launch_limit_blockers(q: Tensor, source: Tensor, decode: bool = False) -> list[str]:
+    """Why the kernels' launch limits rule these tensors out (empty if they fit): the
+    kernels put batch x heads programs in the grid's second dimension (at most 65535 in CUDA)
+    and index everything but the batch with int32, so every tensor they read or write (the
+    inputs as given, and outputs and gradients, which are contiguous) must keep its largest
+    offset within one sequence below 2^31. Training tensors are `[s, b, h, d]`, decode
+    tensors `[b, s, h, d]`."""
+    batch_dim = 0 if decode else 1
+    b = q.shape[batch_dim]
+    heads = source.shape[-2] if decode else q.shape[-2]
+    why = []
+    if b * heads > GRID_Y_MAX:
+        why.append(
+            f"batch {b} x {heads} {'KV ' if decode else ''}heads = {b * heads} programs exceed "
+            f"CUDA's grid limit of {GRID_Y_MAX} in the second dimension"
+        )
+    for name, x in (("q", q), ("source", source)):
+        for strides in (x.stride(), _contiguous_strides(x.shape)):
+            largest = _largest_offset(x.shape, strides, batch_dim)
+            if largest > INT32_MAX:
+                why.append(
+                    f"{name} {tuple(x.shape)}: largest offset within one sequence {largest} "
+                    f"exceeds int32"
+                )
+                break
+    return why
+
+
+def log_fallback_once(what: str, why: list[str]) -> None:
+    """One log line per distinct reason the Triton path fell back to the torch path."""
+    text = f"{what}: {'; '.join(why)}; falling back to the materialising torch path ({BACKEND_ENV}=auto)"
+    if text not in _fallbacks_logged:
+        _fallbacks_logged.add(text)
+        log.warning(text)
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -76,7 +129,7 @@ def reconstruction_attention(
     """Causal attention of q `[s, b, hq, d]` over `kv`'s K = sum_i wk_i * K_i,
     V = sum_i wv_i * V_i (sources `[s, b, hkv, d]`, weights `[hkv or 1, d]` or None). Returns
     `[s, b, hq, d]`; differentiable in q, every source and every weight."""
-    if use_triton(q, backend):
+    if use_triton(q, backend) and _fits(q, kv, backend, decode=False):
         from .triton_attention import fused_reconstruction_attention
 
         return fused_reconstruction_attention(q, kv, softmax_scale)
@@ -93,11 +146,22 @@ def reconstruction_decode(
 ) -> Tensor:
     """Decode: q `[b, t, hq, d]` (the last t positions) against `kv`'s source caches
     `[b, S, hkv, d]` that already hold them. Returns `[b, t, hq, d]` (forward only)."""
-    if use_triton(q, backend):
+    if use_triton(q, backend) and _fits(q, kv, backend, decode=True):
         from .triton_decode import fused_reconstruction_decode
 
         return fused_reconstruction_decode(q, kv, softmax_scale, causal, num_splits)
     return reconstruction_decode_reference(q, kv, softmax_scale, causal)
+
+
+def _fits(q: Tensor, kv: KVFusion, backend: str | None, decode: bool) -> bool:
+    """Under auto, tensors beyond the kernels' launch limits take the torch path (one log
+    line); a forced triton backend goes on to the kernel, whose host side raises."""
+    if requested_backend(backend) == "triton":
+        return True
+    why = launch_limit_blockers(q, kv.k_sources[0], decode=decode)
+    if why:
+        log_fallback_once("fused attention kernel" if not decode else "fused decode kernel", why)
+    return not why
 
 
 def head_dim_supported(head_dim: int) -> bool:
@@ -111,6 +175,7 @@ __all__ = [
     "HEAD_DIMS",
     "KVFusion",
     "head_dim_supported",
+    "launch_limit_blockers",
     "reconstruction_attention",
     "reconstruction_attention_reference",
     "reconstruction_decode",

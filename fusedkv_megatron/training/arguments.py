@@ -26,6 +26,7 @@ from ..config import FUSION_INITS, VARIANTS
 from .flag_utils import ArgumentError, add_bool, check_positive
 from .flags_checkpoint import add_checkpoint_flags, apply_checkpoint_args
 from .flags_context import add_context_flags, check_context_args
+from .flags_fastpath import add_fastpath_flags, check_fastpath_args
 from .flags_observability import add_observability_flags, check_observability_args
 from .flags_schedule import ALTERNATIVES, add_schedule_flags, check_schedule_args
 
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_flags(p)
     add_context_flags(p)
     add_observability_flags(p)
+    add_fastpath_flags(p)
     return p
 
 
@@ -407,6 +409,7 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         raise ArgumentError(f"--eval-iters={args.eval_iters} must be >= 0 (0 disables evaluation)")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are both set; choose one")
+    check_fastpath_args(args, cuda)
     _check_transformer_impl(args, cuda)
     if args.fp8_format is not None:
         if args.transformer_impl != "transformer_engine":

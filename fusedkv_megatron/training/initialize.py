@@ -30,9 +30,11 @@ from megatron.core.transformer.module import Float16Module
 from .. import KVSharingConfig, build_model, qwen3_config
 from ..compat import optimizer_fixes
 from ..data.tokenizer import build_tokenizer
+from ..fastpath import fusion_fields, resolve_fusions
 from ..fusion import FUSION_WEIGHT_GLOBS
 from ..pipeline import check_layout
 from .arguments import ArgumentError
+from .flags_fastpath import check_gpus_usable, disabled_fusions
 from .model_size import padded_vocab  # one padding rule for the trainer and the planner
 from .schedule import build_scheduler
 
@@ -109,6 +111,16 @@ def kv_sharing_config(args) -> KVSharingConfig:
     return kv
 
 
+def fusion_states(args) -> list:
+    """Megatron's fusions for this run: on where they can run, less the opt-out flags
+    (fastpath.resolve_fusions owns the rules)."""
+    return resolve_fusions(
+        torch.cuda.is_available(),
+        disabled_fusions(args),
+        rotary_interleaved=args.rotary_interleaved,
+    )
+
+
 def transformer_config(args, kv=None):
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     overrides = dict(
@@ -135,6 +147,7 @@ def transformer_config(args, kv=None):
     )
     if args.fp8_format is not None:
         overrides.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
+    overrides.update(fusion_fields(fusion_states(args)))
     return qwen3_config(
         args.num_layers,
         args.hidden_size,
@@ -171,6 +184,9 @@ def build_model_chunks(args, config, kv, vocab_size: int) -> list:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        align_param_gather=args.align_param_gather,
+        bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     return [
@@ -194,6 +210,7 @@ def build_optimizer(args, model):
         fp16=args.fp16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
         loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale,
@@ -206,7 +223,9 @@ def build_optimizer(args, model):
     return optimizer, build_scheduler(args, optimizer)
 
 
-def connect_schedule_hooks(config, model, optimizer, overlap_grad_reduce: bool) -> None:
+def connect_schedule_hooks(
+    config, model, optimizer, overlap_grad_reduce: bool, align_param_gather: bool = False
+) -> None:
     """What Megatron's schedules call around forward/backward (as Megatron-LM's trainer sets)."""
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
@@ -215,10 +234,14 @@ def connect_schedule_hooks(config, model, optimizer, overlap_grad_reduce: bool) 
         grad_sync = [m.start_grad_sync for m in model]
         config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
         config.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
+    if align_param_gather:  # the schedule launches each chunk's parameter all-gather
+        param_sync = [m.start_param_sync for m in model]
+        config.param_sync_func = param_sync[0] if len(model) == 1 else param_sync
 
 
 def setup(args) -> Runtime:
     """Everything up to (not including) checkpoint loading and data."""
+    check_gpus_usable(args)
     init_model_parallel(args)
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
@@ -234,7 +257,9 @@ def setup(args) -> Runtime:
     check_layout(config, kv, seq_length=args.seq_length, num_microbatches=args.num_microbatches)
     model = build_model_chunks(args, config, kv, vocab)
     optimizer, scheduler = build_optimizer(args, model)
-    connect_schedule_hooks(config, model, optimizer, args.overlap_grad_reduce)
+    connect_schedule_hooks(
+        config, model, optimizer, args.overlap_grad_reduce, args.align_param_gather
+    )
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()

@@ -89,6 +89,19 @@ def _agree(flags: list[float]) -> list[float]:
     return t.tolist()
 
 
+def gather_params(model) -> None:
+    """Make every rank's weights current. With --overlap-param-gather the distributed
+    optimizer's step leaves the updated weights to be all-gathered by the next forward's hooks
+    (overlapped with compute), so until then each rank holds only its own shard's update;
+    evaluation, checkpoints and weight statistics gather them first, synchronously (as
+    Megatron-LM does before it evaluates or saves). The next forward then skips that gather.
+    No-op without the flag."""
+    with torch.no_grad():
+        for chunk in model:
+            if chunk.ddp_config.overlap_param_gather:
+                chunk.start_param_sync(force_sync=True)
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one training step did. The flags are agreed over all ranks."""
@@ -175,6 +188,7 @@ class Trainer:
         a = self.args
         if dataset is None or a.eval_iters == 0:
             return None
+        gather_params(self.rt.model)
         for chunk in self.rt.model:
             chunk.eval()
         data = self._data(dataset, 0)
@@ -218,6 +232,7 @@ class Trainer:
             in_a_row = in_a_row + 1 if step.non_finite else 0
             self.reporter.record(None if step.non_finite else step.loss, step.grad_norm, batch[0])
             if state.iteration % a.log_interval == 0:
+                gather_params(rt.model)
                 stats = fusion_weight_stats(rt.model)
                 self.reporter.log(
                     state.iteration,
@@ -255,7 +270,9 @@ class Trainer:
             )
             if a.save and (periodic or reason):
                 with self.reporter.excluded():
+                    gather_params(rt.model)
                     self.save_fn(state)
             if reason:
                 return state, reason
+        gather_params(rt.model)  # for the caller's final save and evaluation
         return state, "done"

@@ -291,6 +291,24 @@ def start_wandb(args):
     )
 
 
+def fastpath_lines(rt) -> list[str]:
+    """The fusions (each on or off, and why) and the data-parallel communication settings."""
+    from ..fastpath import describe_fusions
+    from .initialize import fusion_states
+
+    a = rt.args
+    ddp = rt.model[0].ddp_config
+    bucket = f"{ddp.bucket_size:,} elements" if ddp.bucket_size else "one per chunk"
+    return [
+        describe_fusions(fusion_states(a)),
+        f"> data-parallel: distributed optimizer {'on' if ddp.use_distributed_optimizer else 'off'}"
+        f", overlap grad reduce {'on' if ddp.overlap_grad_reduce else 'off'}, overlap param "
+        f"gather {'on' if ddp.overlap_param_gather else 'off'}"
+        f"{' (aligned over pipeline stages)' if ddp.align_param_gather else ''}, buckets "
+        f"{bucket}",
+    ]
+
+
 def startup_report(rt) -> None:
     """The start-up lines: model, parameters, KV cache, parallel layout, each layer kind's
     attention path and (with PP) the bytes each pipeline boundary carries."""
@@ -329,6 +347,8 @@ def startup_report(rt) -> None:
         f"{a.global_batch_size} = micro {a.micro_batch_size} x DP x {a.num_microbatches} "
         f"microbatches"
     )
+    for line in fastpath_lines(rt):
+        print_first(line)
     use_te = a.transformer_impl == "transformer_engine"
     cuda, packed = rt.device.type == "cuda", a.reset_attention_mask
     for line in describe_attention(rt.config, rt.kv, use_te, cuda, packed_documents=packed):
