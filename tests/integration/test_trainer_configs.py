@@ -25,12 +25,13 @@ def _load(path: Path, *extra: str):
          "--vocab-size", "128000", *extra]
     )  # fmt: skip
     world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    world *= args.context_parallel_size
     return validate_args(args, world_size=world, cuda=False)
 
 
 def test_every_shipped_config_is_valid():
     names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
-    assert names == sorted(["tiny.yaml", *SIZED])
+    assert names == sorted(["tiny.yaml", "332m-32k.yaml", *SIZED])
     for path in CONFIGS.glob("*.yaml"):
         args = _load(path)
         assert args.kv_sharing == "fusedkv" and args.num_layers % 2 == 0

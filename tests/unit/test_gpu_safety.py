@@ -26,6 +26,18 @@ from fusedkv_megatron import kernels
 from fusedkv_megatron.training import gpu_visibility
 from fusedkv_megatron.training.arguments import ArgumentError, parse_args, validate_args
 
+# A model shape (required) and mock data: the tiny config, no tokenizer.
+TINY = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.yaml"
+BASE = [
+    "--config",
+    str(TINY),
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "512",
+    "--mock-data",
+]
+
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = "535.104.05"
 FAKE_SMI = f"""#!/bin/sh
@@ -78,10 +90,10 @@ def test_message_names_driver_cuda_build_and_fix(fake_smi):
     from fusedkv_megatron.training.flags_fastpath import check_gpus_usable
 
     with pytest.raises(ArgumentError, match="--allow-cpu"):
-        check_gpus_usable(parse_args(["--mock-data"]))
-    check_gpus_usable(parse_args(["--mock-data", "--allow-cpu"]))
+        check_gpus_usable(parse_args([*BASE]))
+    check_gpus_usable(parse_args([*BASE, "--allow-cpu"]))
     # fusedkv-plan validates the same flags without checking the machine
-    validate_args(parse_args(["--mock-data"]), world_size=1, cuda=False)
+    validate_args(parse_args([*BASE]), world_size=1, cuda=False)
 
 
 @pytest.mark.slow
@@ -90,7 +102,16 @@ def test_trainer_exits_2_when_gpus_are_visible_but_unusable(fake_smi):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "fusedkv_megatron.pretrain", "--mock-data", "--train-iters", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusedkv_megatron.pretrain",
+        *BASE,
+        "--train-iters",
+        "1",
+        "--lr-warmup-iters",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "GPUs are visible (nvidia-smi lists 2 GPUs" in proc.stderr
@@ -103,7 +124,7 @@ def test_mxfp8_needs_blackwell(monkeypatch):
     from fusedkv_megatron.training.flags_fastpath import _check_fp8_recipe
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    args = parse_args(["--mock-data", "--bf16", "--fp8-format", "e4m3", "--fp8-recipe", "mxfp8"])
+    args = parse_args([*BASE, "--bf16", "--fp8-format", "e4m3", "--fp8-recipe", "mxfp8"])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     with pytest.raises(ArgumentError, match=r"mxfp8 needs .* is 9\.0\. Use --fp8-recipe"):
         _check_fp8_recipe(args, cuda=True)
@@ -117,10 +138,10 @@ def test_mxfp8_needs_blackwell(monkeypatch):
 def test_forced_triton_in_fp32_fails_at_start_up(monkeypatch):
     monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
     with pytest.raises(ArgumentError, match="triton with fp32 parameters.*--bf16"):
-        validate_args(parse_args(["--mock-data"]), world_size=1, cuda=False)
-    validate_args(parse_args(["--mock-data", "--bf16"]), world_size=1, cuda=False)
+        validate_args(parse_args([*BASE]), world_size=1, cuda=False)
+    validate_args(parse_args([*BASE, "--bf16"]), world_size=1, cuda=False)
     monkeypatch.setenv(kernels.BACKEND_ENV, "auto")
-    validate_args(parse_args(["--mock-data"]), world_size=1, cuda=False)
+    validate_args(parse_args([*BASE]), world_size=1, cuda=False)
 
 
 @pytest.mark.parametrize(
@@ -134,11 +155,11 @@ def test_forced_triton_in_fp32_fails_at_start_up(monkeypatch):
 )
 def test_overlap_flags_refuse_what_megatron_cannot_run(flags, match):
     with pytest.raises(ArgumentError, match=match):
-        validate_args(parse_args(["--mock-data", *flags]), world_size=1, cuda=False)
+        validate_args(parse_args([*BASE, *flags]), world_size=1, cuda=False)
 
 
 def test_interleaved_pipeline_aligns_the_param_gather():
-    flags = ["--mock-data", "--use-distributed-optimizer", "--overlap-grad-reduce",
+    flags = [*BASE, "--use-distributed-optimizer", "--overlap-grad-reduce",
              "--overlap-param-gather", "--pipeline-model-parallel-size", "2",
              "--virtual-pipeline-model-parallel-size", "2"]  # fmt: skip
     assert validate_args(parse_args(flags), world_size=2, cuda=False).align_param_gather
