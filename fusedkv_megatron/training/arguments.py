@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..config import FUSION_INITS, VARIANTS
+from .flags_checkpoint import add_checkpoint_flags, check_checkpoint_args
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load weights, iteration and data position only (fresh Adam moments)",
     )
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+    add_checkpoint_flags(p)
 
     g = p.add_argument_group("data")
     g.add_argument(
@@ -520,4 +522,5 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
         )
     if args.exit_duration_in_mins is not None and not math.isfinite(args.exit_duration_in_mins):
         raise ArgumentError(f"--exit-duration-in-mins={args.exit_duration_in_mins} must be finite")
+    check_checkpoint_args(args, ArgumentError)
     return args
