@@ -46,12 +46,14 @@ def init_state_without_update(optimizer: DistributedOptimizer) -> None:
     for g in inner.param_groups:
         g["lr"], g["weight_decay"] = 0.0, 0.0
     try:
+        # One parameter at a time: a zero gradient for all of them at once would hold a copy
+        # of the weights in memory during a resume (docs/checkpoints.md).
         for g in inner.param_groups:
             for p in g["params"]:
                 if p.numel():
                     p.grad = torch.zeros_like(p)
-        inner.step()
-        inner.zero_grad(set_to_none=True)
+                    inner.step()
+                    p.grad = None
     finally:
         for g, (lr, wd) in zip(inner.param_groups, saved, strict=True):
             g["lr"], g["weight_decay"] = lr, wd

@@ -127,6 +127,9 @@ class AsyncSaves:
         if self.pending():
             self.queue.close(abort=True)
         if self._manager is not None:
+            from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+            filesystem_async._results_queue = None  # the manager's queue dies with it
             self._manager.shutdown()
             self._manager = None
 
