@@ -18,6 +18,7 @@ import sys
 from ..config import KVSharingConfig, KVSharingError
 from ..training.arguments import ArgumentError, build_parser, parse_args, validate_args
 from ..training.model_size import PEAK_BF16_TFLOPS, ModelShape, parameter_count
+from . import host_memory
 from .layout import GiB, Job, Layout, Machine, PlanError
 from .search import Plan, plan, search
 
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe_plan(given))
+    print(host_memory.plan_line(given, args))
     if not args.search:
         return 0 if given.fits else 1
     job, layout, machine = given.job, given.layout, given.machine

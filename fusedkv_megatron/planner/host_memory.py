@@ -190,3 +190,37 @@ def _address_space_limit() -> int | None:
     except (ImportError, ValueError, OSError):
         return None
     return None if soft in (-1, resource.RLIM_INFINITY) or soft <= 0 else soft
+
+
+def for_job(job, layout, ranks, args, *, local_ranks: int, on_gpu: bool) -> HostMemory:
+    """The estimate for a planner Job/Layout and its per-rank memory (`ranks`, as
+    memory_per_rank gives them), with the checkpoint flags of `args` (fusedkv-pretrain's)."""
+    worst = max(ranks, key=lambda r: r.peak)
+    s = job.padded_shape(layout)
+    width = 4 if job.precision == "fp32" else 2
+    largest = width * max(s.vocab_size, 2 * s.ffn_hidden_size) * s.hidden_size // layout.tp
+    return host_memory(
+        local_ranks=local_ranks,
+        on_gpu=on_gpu,
+        weights=worst.weights,
+        gradients=worst.gradients,
+        optimizer=worst.optimizer,
+        activations=worst.activations + worst.transient,
+        parameters=worst.parameters,
+        largest_tensor=largest,
+        data_parallel=layout.dp,
+        distributed_optimizer=layout.distributed_optimizer,
+        fp32=job.precision == "fp32",
+        fully_reshardable=getattr(args, "dist_ckpt_optim_fully_reshardable", False),
+        async_save=getattr(args, "async_save", False),
+        saves=bool(getattr(args, "save", None)) or getattr(args, "save_interval", None) is not None,
+    )
+
+
+def plan_line(plan, args) -> str:
+    """fusedkv-plan's line: the host memory of one node of the planned GPU run."""
+    est = for_job(
+        plan.job, plan.layout, plan.ranks, args,
+        local_ranks=plan.machine.gpus_per_node, on_gpu=True,
+    )  # fmt: skip
+    return f"host memory per node (training + checkpoint save): {est.describe()}"

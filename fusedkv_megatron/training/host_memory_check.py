@@ -17,7 +17,7 @@ from ..planner.host_memory import (
     GiB,
     HostMemory,
     available_host_memory,
-    host_memory,
+    for_job,
     local_ranks_from_env,
 )
 from .arguments import ArgumentError
@@ -32,31 +32,8 @@ def estimate(args, world_size: int, padded_vocab_size: int, on_gpu: bool) -> Hos
     a.vocab_size = padded_vocab_size
     job, layout = job_and_layout(a, world_size)
     ranks = memory_per_rank(job, layout, "fused" if on_gpu else "composite")
-    worst = max(ranks, key=lambda r: r.static + r.activations + r.transient)
-    return host_memory(
-        local_ranks=min(local_ranks_from_env(world_size), world_size),
-        on_gpu=on_gpu,
-        weights=worst.weights,
-        gradients=worst.gradients,
-        optimizer=worst.optimizer,
-        activations=worst.activations + worst.transient,
-        parameters=worst.parameters,
-        largest_tensor=_largest_tensor(a, layout.tp, job.precision),
-        data_parallel=layout.dp,
-        distributed_optimizer=layout.distributed_optimizer,
-        fp32=job.precision == "fp32",
-        fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
-        async_save=args.async_save,
-        saves=bool(args.save),
-    )
-
-
-def _largest_tensor(args, tp: int, precision: str) -> int:
-    """Bytes of the largest weight: the embedding (vocab x hidden / TP) or an MLP matrix."""
-    width = 4 if precision == "fp32" else 2
-    ffn = args.ffn_hidden_size or 4 * args.hidden_size
-    rows = max(args.vocab_size, 2 * ffn)  # the SwiGLU input matrix is (2 ffn) x hidden
-    return width * rows * args.hidden_size // tp
+    local = min(local_ranks_from_env(world_size), world_size)
+    return for_job(job, layout, ranks, args, local_ranks=local, on_gpu=on_gpu)
 
 
 def _status_bytes(name: str) -> int:
