@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from fusedkv_megatron import checkpoint_format as cf
-from tests.integration.trainer_helpers import REPO, cli_command, cli_env, run_subprocess
+from tests.integration.trainer_helpers import REPO, cli_command, cli_env, run_cli, run_subprocess
 
 pytestmark = pytest.mark.slow
 
@@ -75,19 +75,20 @@ def test_save_and_resume_stay_within_1_3x_of_training(dp, tmp_path):
     assert save_peak <= 1.3 * resumed_steady
 
 
-def test_a_dp_reshardable_optimizer_refuses_another_tp_pp(tmp_path):
+def test_a_dp_reshardable_optimizer_refuses_another_tp_pp(tmp_path, capfd, dist_single):
     ckpt = tmp_path / "ckpt"
-    proc = run_subprocess([*MODEL, "--num-layers", "4", "--train-iters", "1", "--save", ckpt])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    small = [*MODEL, "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128"]
+    code, _, err = run_cli([*small, "--train-iters", "1", "--save", ckpt], capfd)
+    assert code == 0, err[-3000:]
     info_file = cf.iteration_dir(ckpt, 1) / cf.RUN_FILE
     info = json.loads(info_file.read_text())
     info["parallel"]["tensor_model_parallel_size"] = 2  # as if saved at TP=2
     info_file.write_text(json.dumps(info))
-    proc = run_subprocess([*MODEL, "--num-layers", "4", "--train-iters", "2", "--load", ckpt])
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "stores the distributed optimizer's state as dp_reshardable" in proc.stderr
-    assert "changes TP/PP from 2/1 to 1/1" in proc.stderr
-    assert "--dist-ckpt-optim-fully-reshardable" in proc.stderr and "--no-load-optim" in proc.stderr
+    code, _, err = run_cli([*small, "--train-iters", "2", "--load", ckpt], capfd)
+    assert code == 2, err[-3000:]
+    assert "stores the distributed optimizer's state as dp_reshardable" in err
+    assert "changes TP/PP from 2/1 to 1/1" in err
+    assert "--dist-ckpt-optim-fully-reshardable" in err and "--no-load-optim" in err
 
 
 def test_a_run_the_node_cannot_hold_is_refused_at_start_up(tmp_path):
