@@ -106,12 +106,17 @@ def host_memory(
 
 
 def local_ranks_from_env(default: int = 1) -> int:
-    """Processes of this job on this node (torchrun's LOCAL_WORLD_SIZE, SLURM's tasks)."""
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return default
+    """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, else SLURM's tasks per
+    node (SLURM_TASKS_PER_NODE is "8(x2)" or "8,7": the largest), else `default`."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    counts = [
+        int(part.split("(")[0])
+        for part in os.environ.get("SLURM_TASKS_PER_NODE", "").split(",")
+        if part.split("(")[0].isdigit()
+    ]
+    return max(counts) if counts else default
 
 
 def _read_int(path: str) -> int | None:

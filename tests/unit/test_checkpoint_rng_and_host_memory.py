@@ -107,3 +107,15 @@ def test_available_memory_counts_an_address_space_limit(monkeypatch):
     monkeypatch.setattr(resource, "getrlimit", lambda which: (10 * 2**30, resource.RLIM_INFINITY))
     available, source = available_host_memory(resident_now=2**30, virtual_now=4 * 2**30)
     assert available == 7 * 2**30 and "address-space limit 10.0 GiB" in source
+
+
+def test_local_ranks_come_from_torchrun_or_slurm(monkeypatch):
+    from fusedkv_megatron.planner.host_memory import local_ranks_from_env
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_TASKS_PER_NODE", raising=False)
+    assert local_ranks_from_env(default=3) == 3
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "4(x2),3")
+    assert local_ranks_from_env() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert local_ranks_from_env() == 8
