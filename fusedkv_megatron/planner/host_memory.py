@@ -4,7 +4,8 @@ the model, and fusedkv-plan reports the same figure.
 
 Per rank, on top of a process baseline:
 - CPU training: weights, gradients, optimizer state, activations and transients live in host
-  memory (the planner's per-rank figures, CPU norms).
+  memory (the planner's per-rank figures, CPU norms), and Adam's step holds a temporary of the
+  size of the fp32 shard it updates.
 - GPU training: those live on the GPU; host memory holds the process baseline (CUDA context,
   NCCL, Python: an assumption, not measured here) plus what a save stages there.
 - A save (torch_dist writer, one writer thread): on CPU, tensors that are views of a larger
@@ -86,6 +87,10 @@ def host_memory(
         parts["process"] = CPU_PROCESS_BASE
         parts["weights+grads+optimizer"] = weights + gradients + optimizer
         parts["activations"] = activations
+        # torch's AdamW (foreach) holds a temporary of the updated shard's size in its step
+        parts["optimizer step"] = 4 * (
+            parameters // data_parallel if distributed_optimizer else parameters
+        )
     training = sum(parts.values())
     save = 0
     if saves:
