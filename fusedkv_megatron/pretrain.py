@@ -39,12 +39,15 @@ def _run(args, signals) -> int:
     from . import checkpoint_format as fmt
     from .data.datasets import build_train_valid_test_datasets
     from .training.checkpointing import (
+        AsyncSaves,
         TrainState,
         check_save_dir,
         load_checkpoint,
+        optimizer_metadata,
         save_checkpoint,
     )
     from .training.flags_checkpoint import checkpoint_to_load
+    from .training.host_memory_check import check_host_memory
     from .training.initialize import setup
     from .training.loop import Trainer
     from .training.model_size import ModelShape, flops_per_token, peak_tflops
@@ -52,6 +55,8 @@ def _run(args, signals) -> int:
 
     rt = setup(args)
     a = args
+    if a.host_memory_check:  # before the first step: a run that cannot save stops here
+        check_host_memory(a, rt.padded_vocab_size)
     # a tokenizer file or directory is kept with every checkpoint
     tokenizer_file = a.tokenizer_model if fmt.tokenizer_entry(a.tokenizer_type) else None
     if tokenizer_file and a.save and _inside(tokenizer_file, a.save):
@@ -110,6 +115,11 @@ def _run(args, signals) -> int:
             "arguments", "\n".join(f"    {k}: {v}" for k, v in sorted(vars(a).items()))
         )
 
+    metadata = optimizer_metadata(
+        a.dist_ckpt_optim_fully_reshardable, a.distrib_optim_fully_reshardable_mem_efficient
+    )
+    async_saves = AsyncSaves() if a.async_save else None
+
     def save(st):
         save_checkpoint(
             a.save,
@@ -121,18 +131,25 @@ def _run(args, signals) -> int:
             tokenizer_file,
             keep_latest_k=a.keep_latest_k,
             kill_at=a.inject_kill_during_save,
+            metadata=metadata,
+            async_saves=async_saves,
         )
 
-    trainer = Trainer(rt, train_ds, valid_ds, test_ds, reporter, signals, save)
+    trainer = Trainer(rt, train_ds, valid_ds, test_ds, reporter, signals, save, async_saves)
     reason = "skip-train"
+    committed = False
     try:
         if not a.skip_train:
             start = state.iteration
             print_first(f"> training from iteration {start} to {a.train_iters}")
             state, reason = trainer.train(state)
             saved = a.save_interval and state.iteration % a.save_interval == 0
+            saved = saved or (a.save_first and state.iteration == start + 1)
             if reason == "done" and a.save and state.iteration > start and not saved:
                 save(state)
+            if async_saves is not None:
+                async_saves.close()  # commit what is still being written
+            committed = True
         if reason in ("done", "skip-train"):
             trainer.evaluate(valid_ds, "validation", state.iteration)
             trainer.evaluate(test_ds, "test", state.iteration)
@@ -143,6 +160,8 @@ def _run(args, signals) -> int:
                 f"{'saved' if a.save else 'NOT saved (no --save)'}"
             )
     finally:
+        if async_saves is not None and not committed:
+            async_saves.abort()
         reporter.close()
     torch.distributed.barrier()
     return 0

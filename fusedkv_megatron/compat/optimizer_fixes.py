@@ -16,6 +16,8 @@ b. SILENTLY WRONG: `load_state_dict` puts ONE shared `step` tensor into every pa
 c. `fully_reshardable` loading copies every live state key, including `step`, which the
    checkpoint's per-parameter state does not carry (KeyError 'step'), and copies in place into
    main params that are views of leaf tensors requiring grad (needs torch.no_grad()).
+   SILENTLY WRONG with `dp_reshardable`: the `step` it copies is that of the state built for
+   loading (1), not the saved one. Fix: never copy `step` there (load_state_dict has set it).
 
 `apply()` patches the DistributedOptimizer class once; it does nothing when Apex or TE is
 present (their fused Adam keeps the step per group). tests/integration/test_trainer_optimizer_fixes.py
@@ -46,12 +48,14 @@ def init_state_without_update(optimizer: DistributedOptimizer) -> None:
     for g in inner.param_groups:
         g["lr"], g["weight_decay"] = 0.0, 0.0
     try:
+        # One parameter at a time: a zero gradient for all of them at once would hold a copy
+        # of the weights in memory during a resume (docs/checkpoints.md).
         for g in inner.param_groups:
             for p in g["params"]:
                 if p.numel():
                     p.grad = torch.zeros_like(p)
-        inner.step()
-        inner.zero_grad(set_to_none=True)
+                    inner.step()
+                    p.grad = None
     finally:
         for g, (lr, wd) in zip(inner.param_groups, saved, strict=True):
             g["lr"], g["weight_decay"] = lr, wd
@@ -81,8 +85,11 @@ def _load_state_dict(self, state_dict):
 
 
 def _set_main_param_and_optimizer_states(self, model_param, tensors):
-    # A non-tensor entry is skipped by the upstream copy loop: keeps the live `step`.
-    tensors = {**tensors, "step": tensors.get("step")}
+    # A non-tensor entry is skipped by the upstream copy loop: keeps the live `step`, which
+    # load_state_dict has just set from the saved param groups. (`dp_reshardable` hands over
+    # the step of the state built for loading, 1 after init_state_without_update: copying it
+    # would restart Adam's bias correction on every resume.)
+    tensors = {**tensors, "step": None}
     with torch.no_grad():
         return _originals["_set_main_param_and_optimizer_states"](self, model_param, tensors)
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 from ..config import KVSharingConfig, KVSharingError
 from ..training.arguments import ArgumentError, build_parser, parse_args, validate_args
 from ..training.model_size import PEAK_BF16_TFLOPS, ModelShape, parameter_count
+from . import host_memory
 from .comm import step_bytes
 from .context import describe_context_parallel, plan_context_parallel
 from .efficiency import Efficiency
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_plan(given))
     if args.context_parallel_size > 1:
         print(describe_context_parallel(given.job, given.layout, args.context_parallel_size))
+    print(host_memory.plan_line(given, args))
     if not args.search:
         return 0 if given.fits else 1
     job, layout, machine = given.job, given.layout, given.machine

@@ -28,6 +28,7 @@ from .flags_checkpoint import add_checkpoint_flags, apply_checkpoint_args
 from .flags_context import add_context_flags, check_context_args
 from .flags_fastpath import add_fastpath_flags, check_fastpath_args
 from .flags_observability import add_observability_flags, check_observability_args
+from .flags_saving import add_saving_flags, check_saving_args
 from .flags_schedule import ALTERNATIVES, add_schedule_flags, check_schedule_args
 
 __all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args"]
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load weights, iteration and data position only (fresh Adam moments)",
     )
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+    add_saving_flags(p)
 
     g = p.add_argument_group("data")
     g.add_argument(
@@ -543,4 +545,5 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
     # the derivations above (data-parallel size, batch sizes, tokenizer type).
     check_schedule_args(args)
     check_observability_args(args, world_size, cuda)
+    check_saving_args(args, ArgumentError)
     return args

@@ -115,10 +115,13 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, rt, train_ds, valid_ds, test_ds, reporter, signals, save_fn):
+    def __init__(
+        self, rt, train_ds, valid_ds, test_ds, reporter, signals, save_fn, async_saves=None
+    ):
         self.rt, self.args = rt, rt.args
         self.train_ds, self.valid_ds, self.test_ds = train_ds, valid_ds, test_ds
         self.reporter, self.signals, self.save_fn = reporter, signals, save_fn
+        self.async_saves = async_saves  # --async-save: commit finished saves between steps
         self.forward_backward = get_forward_backward_func()
         self.schedule_kwargs = pipeline_schedule_kwargs(
             rt.config,
@@ -211,7 +214,7 @@ class Trainer:
         a, rt = self.args, self.rt
         start_time = getattr(a, "start_time", time.time())
         data = self._data(self.train_ds, state.consumed_train_samples)
-        in_a_row = 0
+        in_a_row, first = 0, state.iteration
         for chunk in rt.model:
             chunk.train()
         self.reporter.start()
@@ -229,6 +232,9 @@ class Trainer:
             state.consumed_train_samples += batch[0]
             state.skipped_iters += int(step.skipped)
             state.skipped_samples += batch[0] if step.skipped else 0
+            if self.async_saves is not None:
+                with self.reporter.excluded():
+                    self.async_saves.poll()
             in_a_row = in_a_row + 1 if step.non_finite else 0
             self.reporter.record(None if step.non_finite else step.loss, step.grad_norm, batch[0])
             if state.iteration % a.log_interval == 0:
@@ -258,6 +264,7 @@ class Trainer:
                 with self.reporter.excluded():  # throughput counts training only
                     self.evaluate(self.valid_ds, "validation", state.iteration)
             periodic = a.save_interval and state.iteration % a.save_interval == 0
+            periodic = periodic or (a.save_first and state.iteration == first + 1)
             exit_iter = a.exit_interval and state.iteration % a.exit_interval == 0
             reason = (
                 "signal"

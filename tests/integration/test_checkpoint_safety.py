@@ -1,7 +1,10 @@
 """Checkpoints survive crashes and bad inputs, through the fusedkv-pretrain CLI:
 
-- a save killed (SIGKILL) at any point, chosen at random, leaves a latest checkpoint that loads
-  and resumes; so does a kill after a random delay while saving every iteration;
+- a save killed (SIGKILL) at any point, chosen at random, synchronous or asynchronous
+  (--async-save, including while its writer process is writing), leaves a latest checkpoint
+  that loads and resumes, and no writer process behind; so does a kill after a random delay
+  while saving every iteration;
+- an asynchronous save writes the same tensors as a synchronous one while training goes on;
 - `--keep-latest-k` deletes old checkpoints but never the one the tracker names;
 - a checkpoint with Transformer Engine `_extra_state` entries loads into a model without them
   and the other way round;
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -70,6 +74,56 @@ def assert_latest_is_complete(root: Path) -> int:
     return latest
 
 
+def assert_no_process_writes(root: Path) -> None:
+    """No process of a killed run (a forked checkpoint writer) is left with `root` in its
+    command line (a forked process has its parent's)."""
+    deadline = time.time() + 10
+    while True:
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(root).encode() in cmdline.read_bytes():
+                    alive.append(cmdline.parent.name)
+            except OSError:
+                pass
+        if not alive or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert not alive, f"processes still running for {root}: {alive}"
+
+
+def load_tensors(ckpt: Path) -> dict:
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / f"{ckpt.name}.pt"
+    dcp_to_torch_save(str(ckpt), str(out))
+    return torch.load(out, weights_only=False)
+
+
+def test_an_async_save_writes_what_a_synchronous_save_writes(flags, tmp_path, capfd):
+    import torch
+
+    # The plain optimizer stores its state per parameter; the distributed optimizer's buckets
+    # hold uninitialised padding, which differs between any two runs.
+    base = [*flags, "--train-iters", "3", "--save-interval", "1"]
+    code, out, err = run_cli([*base, "--save", tmp_path / "sync"], capfd)
+    assert code == 0, err[-3000:]
+    code, out, err = run_cli([*base, "--save", tmp_path / "async", "--async-save"], capfd)
+    assert code == 0, err[-3000:]
+    blocked = re.findall(r"saved checkpoint of iteration (\d) .*in the background; the loop "
+                         r"was blocked ([0-9.]+) s", out)  # fmt: skip
+    assert [int(i) for i, _ in blocked] == [1, 2, 3], out[-3000:]
+    assert cf.read_latest_iteration(tmp_path / "async") == 3
+    for it in (1, 3):  # the first save ran while training went on; the last one at the end
+        a = load_tensors(cf.iteration_dir(tmp_path / "sync", it))
+        b = load_tensors(cf.iteration_dir(tmp_path / "async", it))
+        tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+        assert len(tensors) > 20 and set(a) == set(b)
+        for k in tensors:
+            assert torch.equal(a[k], b[k]), (it, k)
+
+
 def test_a_kill_at_random_points_of_a_save_leaves_a_loadable_latest(flags, tmp_path, capfd):
     """Every crash point once, in random order, on a new iteration or on a re-save of the
     iteration the tracker names; then kills after a random delay while every iteration saves.
@@ -89,11 +143,18 @@ def test_a_kill_at_random_points_of_a_save_leaves_a_loadable_latest(flags, tmp_p
             argv = [*base, "--train-iters", latest, "--save-interval", latest]
         else:
             argv = [*base, "--load", root, "--train-iters", latest + 2, "--save-interval", "1"]
+        in_background = point == "async-writing" or rng.random() < 0.5
+        if in_background:
+            argv.append("--async-save")
         proc = run_subprocess([*argv, "--inject-kill-during-save", point])
-        context = f"seed {seed}, point {point}, resave {point in resaves}\n{proc.stderr[-3000:]}"
+        context = (
+            f"seed {seed}, point {point}, resave {point in resaves}, async {in_background}\n"
+            f"{proc.stderr[-3000:]}"
+        )
         assert proc.returncode == -signal.SIGKILL, context
         if point not in resaves:
             assert f"training from iteration {latest} to {latest + 2}" in proc.stdout, context
+        assert_no_process_writes(root)
         assert_latest_is_complete(root)
 
     for _ in range(2):  # real kills at a random moment, saving at every iteration

@@ -38,9 +38,11 @@ def test_checkpoint_reshards_from_tp2_pp2_to_tp1_pp1(data, tmp_path, capfd, dist
     flags = [*TINY, *data_flags(data), "--kv-sharing", "fusedkv", "--use-distributed-optimizer",
              "--eval-iters", "2"]  # fmt: skip
     ckpt = tmp_path / "ckpt"
+    # The optimizer's TP/PP-reshardable format is asked for (the default reshards over DP only).
     proc = run_subprocess(
         [*flags, "--train-iters", "3", "--tensor-model-parallel-size", "2",
-         "--pipeline-model-parallel-size", "2", "--save", ckpt, "--tensorboard-dir", tmp_path / "tb4"],
+         "--pipeline-model-parallel-size", "2", "--save", ckpt, "--tensorboard-dir", tmp_path / "tb4",
+         "--dist-ckpt-optim-fully-reshardable"],
         nproc=4,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -13,10 +13,12 @@ from megatron.core.utils import unwrap_model
 from fusedkv_megatron.compat import optimizer_fixes
 from fusedkv_megatron.training.arguments import parse_args, validate_args
 from fusedkv_megatron.training.checkpointing import (
-    OPTIMIZER_METADATA,
+    optimizer_metadata,
     use_in_process_write_queue,
 )
 from fusedkv_megatron.training.initialize import setup
+
+OPTIMIZER_METADATA = optimizer_metadata(fully_reshardable=True)  # the format fix c is about
 
 pytestmark = pytest.mark.skipif(
     not optimizer_fixes.needed(), reason="Apex/TE present: upstream keeps one step per group"
