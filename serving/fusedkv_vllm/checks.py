@@ -46,7 +46,11 @@ def check_setup(vllm_config) -> None:
         layers = hf_config.num_hidden_layers
         pipeline_stage_check(layout, [get_pp_indices(layers, r, pp) for r in range(pp)])
     dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto")
-    if layout.pair is not None and dtype not in ("auto", None) and dtype != vllm_config.model_config.dtype:
+    if (
+        layout.pair is not None
+        and dtype not in ("auto", None)
+        and dtype != vllm_config.model_config.dtype
+    ):
         raise UnsupportedExport(
             f"--kv-cache-dtype {dtype}: a quantized KV cache is not supported for "
             f"kv_sharing={layout.variant!r} (its 2d cache is rewritten in place); use auto"

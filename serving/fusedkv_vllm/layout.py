@@ -110,7 +110,9 @@ class ServingLayout:
 
     def cache_units(self) -> int:
         """Cache size per token in units of one head-size-d layer (vanilla: L)."""
-        return sum(2 if r.role == PAIR_BOTTOM else 1 for r in self.roles if r.role in (OWN, PAIR_BOTTOM))
+        return sum(
+            2 if r.role == PAIR_BOTTOM else 1 for r in self.roles if r.role in (OWN, PAIR_BOTTOM)
+        )
 
     def reads(self) -> dict[int, int]:
         """Layer -> the layer whose cache it reads, for every layer without its own cache."""

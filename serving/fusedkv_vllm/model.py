@@ -89,15 +89,24 @@ class FusionWeight(nn.Module):
         w = self.weight
         if self.key:  # tied per RoPE pair: [.., d/2] -> [.., d]
             w = w.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([w, w], dim=-1)
-        return w.repeat_interleave(heads // w.shape[0], dim=0) if w.shape[0] > 1 else w.expand(heads, -1)
+        return (
+            w.repeat_interleave(heads // w.shape[0], dim=0)
+            if w.shape[0] > 1
+            else w.expand(heads, -1)
+        )
 
 
 class FusedKVAttention(nn.Module):
-    def __init__(self, config, role: LayerRole, layer: int, prefix: str, cache_config, quant_config):
+    def __init__(
+        self, config, role: LayerRole, layer: int, prefix: str, cache_config, quant_config
+    ):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         self.role, self.layer = role, layer
-        self.total_heads, self.total_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.total_heads, self.total_kv_heads = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+        )
         self.heads = self.total_heads // tp
         self.kv_heads = max(1, self.total_kv_heads // tp)
         d = self.head_dim = config.head_dim
@@ -120,7 +129,9 @@ class FusedKVAttention(nn.Module):
         self.rotary_emb = get_rope(d, max_position=config.max_position_embeddings,
                                    is_neox_style=not self.interleaved,
                                    rope_parameters=config.rope_parameters)  # fmt: skip
-        target = None if role.target is None else f"{self.layer_prefix}.{role.target}.self_attn.attn"
+        target = (
+            None if role.target is None else f"{self.layer_prefix}.{role.target}.self_attn.attn"
+        )
         self.owner_name = target if role.role == PAIR_MIDDLE else f"{prefix}.attn"
         self.attn = Attention(self.heads, 2 * d if role.wide_cache else d, d**-0.5,
                               num_kv_heads=self.kv_heads, cache_config=cache_config,
@@ -159,8 +170,12 @@ class FusedKVAttention(nn.Module):
             stash["k"], stash["v"] = k, v
             out = self._wide(q, self._pad(k, 0), self._pad(v, 0), (1.0, None), (1.0, None))
         elif role == PAIR_MIDDLE:
-            k2 = torch.cat([stash["k"].view(-1, self.kv_heads, d), k.view(-1, self.kv_heads, d)], -1)
-            v2 = torch.cat([stash["v"].view(-1, self.kv_heads, d), v.view(-1, self.kv_heads, d)], -1)
+            k2 = torch.cat(
+                [stash["k"].view(-1, self.kv_heads, d), k.view(-1, self.kv_heads, d)], -1
+            )
+            v2 = torch.cat(
+                [stash["v"].view(-1, self.kv_heads, d), v.view(-1, self.kv_heads, d)], -1
+            )
             unified_kv_cache_update(k2, v2, self.owner_name)  # rows now hold both halves
             out = self._wide(q, None, None, (None, 1.0), (None, 1.0))
         else:
@@ -192,7 +207,9 @@ class FusedKVAttention(nn.Module):
 
 
 class FusedKVDecoderLayer(nn.Module):
-    def __init__(self, config, role: LayerRole, layer: int, prefix: str, cache_config, quant_config):
+    def __init__(
+        self, config, role: LayerRole, layer: int, prefix: str, cache_config, quant_config
+    ):
         super().__init__()
         self.self_attn = FusedKVAttention(config, role, layer, f"{prefix}.self_attn",
                                           cache_config, quant_config)  # fmt: skip
@@ -233,7 +250,11 @@ class FusedKVModel(nn.Module):
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers, layer_fn, prefix=f"{prefix}.layers"
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        self.norm = (
+            RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            if pp.is_last_rank
+            else PPMissingLayer()
+        )
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size
         )
@@ -246,7 +267,10 @@ class FusedKVModel(nn.Module):
             hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
             residual = None
         else:
-            hidden, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+            hidden, residual = (
+                intermediate_tensors["hidden_states"],
+                intermediate_tensors["residual"],
+            )
         stash: Stash = {}
         for layer in self.layers[self.start_layer : self.end_layer]:
             hidden, residual = layer(positions, hidden, residual, stash)
@@ -306,7 +330,9 @@ class FusedKVForCausalLM(nn.Module, SupportsPP):
             if target not in params:
                 if self._is_other_stage(name):
                     continue
-                raise ValueError(f"fusedkv_vllm: the export's tensor {name} has no place in the model")
+                raise ValueError(
+                    f"fusedkv_vllm: the export's tensor {name} has no place in the model"
+                )
             param = params[target]
             loader = getattr(param, "weight_loader", default_weight_loader)
             loader(param, tensor) if shard is None else loader(param, tensor, shard)
@@ -317,4 +343,6 @@ class FusedKVForCausalLM(nn.Module, SupportsPP):
         if ".layers." in name:
             i = int(name.split(".layers.")[1].split(".")[0])
             return not self.model.start_layer <= i < self.model.end_layer
-        return isinstance(self.lm_head, PPMissingLayer) or isinstance(self.model.embed_tokens, PPMissingLayer)
+        return isinstance(self.lm_head, PPMissingLayer) or isinstance(
+            self.model.embed_tokens, PPMissingLayer
+        )

@@ -96,7 +96,9 @@ def greedy_reference(model, prompt: list[int], steps: int) -> dict:
     return {"tokens": tokens, "logprobs": logprobs}
 
 
-def prompts(count: int, length: int, vocab: int = SHAPE["vocab_size"], seed: int = 3) -> list[list[int]]:
+def prompts(
+    count: int, length: int, vocab: int = SHAPE["vocab_size"], seed: int = 3
+) -> list[list[int]]:
     """Prompts sharing a first half (so a second request can hit the prefix cache), token ids
     3..vocab-1 (0-2 are the tokenizer's special ids)."""
     g = torch.Generator().manual_seed(seed)
