@@ -199,3 +199,23 @@ def pipeline_stage_check(layout: ServingLayout, stages: list[tuple[int, int]]) -
                 f"layer whose KV cache it reads, {target} (stage {stage(target)}): a cache is "
                 "local to one stage. Use --pipeline-parallel-size 1 (tensor parallelism works)"
             )
+
+
+def kv_head_rows(total_kv_heads: int, rows: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """The rows [start, end) of a fusion weight [rows, w] that a tensor-parallel rank keeps.
+    Per-KV-head weights (rows == total_kv_heads) follow the rank's KV heads, as vLLM shards
+    them (when there are fewer KV heads than ranks, each rank holds one replicated head); a
+    shared weight (rows == 1) is whole on every rank."""
+    if rows == 1:
+        return 0, 1
+    if rows != total_kv_heads:
+        raise UnsupportedExport(f"fusion weight with {rows} rows for {total_kv_heads} KV heads")
+    if total_kv_heads >= tp_size:
+        if total_kv_heads % tp_size:
+            raise UnsupportedExport(
+                f"{total_kv_heads} KV heads do not split over tensor parallel size {tp_size}"
+            )
+        per = total_kv_heads // tp_size
+        return tp_rank * per, (tp_rank + 1) * per
+    head = tp_rank // (tp_size // total_kv_heads)
+    return head, head + 1

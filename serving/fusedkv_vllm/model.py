@@ -51,24 +51,19 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .layout import FUSED, OWN, PAIR_BOTTOM, PAIR_MIDDLE, SHARE, LayerRole, layout_from_config
+from .layout import (
+    FUSED,
+    OWN,
+    PAIR_BOTTOM,
+    PAIR_MIDDLE,
+    SHARE,
+    LayerRole,
+    kv_head_rows,
+    layout_from_config,
+)
 
 # Per forward: the bottom source's new K/V rows, which the middle source writes next to its own.
 Stash = dict[str, torch.Tensor]
-
-
-def kv_head_rows(total_kv_heads: int, rows: int) -> tuple[int, int]:
-    """The rows [start, end) of a fusion weight [rows, w] this tensor-parallel rank keeps:
-    per-KV-head weights follow the rank's KV heads (replicated heads: the one head it holds);
-    a shared weight (rows == 1) is whole on every rank."""
-    if rows == 1:
-        return 0, 1
-    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-    if total_kv_heads >= tp:
-        per = total_kv_heads // tp
-        return rank * per, (rank + 1) * per
-    head = rank // (tp // total_kv_heads)
-    return head, head + 1
 
 
 class FusionWeight(nn.Module):
@@ -77,7 +72,9 @@ class FusionWeight(nn.Module):
 
     def __init__(self, rows: int, width: int, total_kv_heads: int, key: bool, interleaved: bool):
         super().__init__()
-        self.start, self.end = kv_head_rows(total_kv_heads, rows)
+        self.start, self.end = kv_head_rows(total_kv_heads, rows,
+                                            get_tensor_model_parallel_world_size(),
+                                            get_tensor_model_parallel_rank())  # fmt: skip
         self.key, self.interleaved = key, interleaved
         self.weight = nn.Parameter(torch.ones(self.end - self.start, width), requires_grad=False)
         self.weight.weight_loader = self._load
