@@ -13,7 +13,11 @@ WORKER = Path(__file__).with_name("vllm_worker.py")
 
 
 def serve_python() -> Path:
-    """The serving venv's python, creating or updating the venv (a few minutes the first time)."""
+    """The serving venv's python, creating or updating the venv (a few minutes the first time),
+    or FUSEDKV_SERVE_PYTHON: an interpreter that already has vllm and fusedkv_vllm (a GPU
+    machine's vLLM install)."""
+    if os.environ.get("FUSEDKV_SERVE_PYTHON"):
+        return Path(os.environ["FUSEDKV_SERVE_PYTHON"])
     out = subprocess.run(
         ["bash", "-c", 'source tools/serve_env.sh >&2 && echo "$SERVE_PY"'],
         cwd=REPO,
