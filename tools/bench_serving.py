@@ -7,7 +7,8 @@ budget that limits how many requests run at once (vLLM + the fusedkv_vllm plugin
    project's export writer), 2. runs them one after the other in one vLLM process of the
    serving environment (tools/serve_env.sh) with the same `kv_cache_memory_bytes`, sized so
    that vanilla holds `--vanilla-concurrency` requests, 3. prints per variant the KV capacity
-   the engine sized (tokens), output tokens/s, mean and p50 TTFT, and the ratios to vanilla.
+   the engine sized (tokens), output tokens/s, mean and p50 TTFT of the batch, TTFT of one
+   request alone (prefill cost, best of 3), and the ratios to vanilla.
 All requests are submitted at once; `max_num_seqs` is large, so the cache is what limits the
 running batch. Random weights: the numbers are about cache and compute, not text.
 """
@@ -92,10 +93,19 @@ def worker(job_file: str, out_file: str) -> int:
         params = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True,
                                 detokenize=False)  # fmt: skip
         prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
-        llm.generate(prompts[:1], SamplingParams(max_tokens=2, detokenize=False), use_tqdm=False)
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - start
+        one = SamplingParams(max_tokens=1, detokenize=False)
+        llm.generate(prompts[:1], one, use_tqdm=False)  # warm-up
+        # Prefill alone: one request at a time, best of 3 (distinct prompts, no prefix cache).
+        single = min(llm.generate([p], one, use_tqdm=False)[0].metrics.first_token_latency
+                     for p in prompts[1:4])  # fmt: skip
+        best = None  # the fastest of `rounds` identical batches (a shared machine is noisy)
+        for _ in range(job["rounds"]):
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - start
+            if best is None or wall < best[0]:
+                best = (wall, outs)
+        wall, outs = best
         ttft = sorted(o.metrics.first_token_latency for o in outs)
         results[variant] = dict(
             capacity_tokens=int(cfg.num_gpu_blocks) * int(cfg.block_size),
@@ -103,6 +113,7 @@ def worker(job_file: str, out_file: str) -> int:
             wall_s=wall,
             ttft_mean_s=sum(ttft) / len(ttft),
             ttft_p50_s=ttft[len(ttft) // 2],
+            ttft_single_s=single,
         )
         print(f"[bench_serving] {variant}: {results[variant]}", flush=True)
         del llm
@@ -115,7 +126,7 @@ def report(results: dict, args) -> str:
     base = results["vanilla"]
     lines = [
         f"{'variant':<24}{'KV tokens':>10}{'x':>6}{'tok/s':>9}{'x':>6}{'TTFT mean':>11}"
-        f"{'x':>6}{'TTFT p50':>10}{'x':>6}"
+        f"{'x':>6}{'TTFT p50':>10}{'x':>6}{'TTFT alone':>12}{'x':>6}"
     ]
     for variant, r in results.items():
         tput, base_tput = r["output_tokens"] / r["wall_s"], base["output_tokens"] / base["wall_s"]
@@ -124,6 +135,7 @@ def report(results: dict, args) -> str:
             f"{tput:>9.1f}{tput / base_tput:>6.2f}{r['ttft_mean_s']:>10.2f}s"
             f"{r['ttft_mean_s'] / base['ttft_mean_s']:>6.2f}{r['ttft_p50_s']:>9.2f}s"
             f"{r['ttft_p50_s'] / base['ttft_p50_s']:>6.2f}"
+            f"{r['ttft_single_s'] * 1e3:>10.1f}ms{r['ttft_single_s'] / base['ttft_single_s']:>6.2f}"
         )
     return "\n".join(lines)
 
@@ -141,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--vanilla-concurrency", type=int, default=4,
                    help="requests a vanilla model's cache holds at once (sets the budget)")  # fmt: skip
     p.add_argument("--batch-tokens", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=3, help="batches per variant; the fastest counts")
     p.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
         root = Path(tmp)
         job = dict(exports=build_exports(args, root), prompts=prompts, output_len=args.output_len,
-                   kv_cache_bytes=cache_bytes(args), batch_tokens=args.batch_tokens,
+                   kv_cache_bytes=cache_bytes(args), batch_tokens=args.batch_tokens, rounds=args.rounds,
                    max_model_len=args.prompt_len + args.output_len)  # fmt: skip
         (root / "job.json").write_text(json.dumps(job))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1")
@@ -168,7 +181,8 @@ def main(argv=None) -> int:
                        check=True, stdout=sys.stderr)  # fmt: skip
         results = json.loads((root / "out.json").read_text())
     print(f"shape: {args.layers} layers, hidden {args.hidden}, {args.heads} heads x {args.head_dim}, "
-          f"fp32; {args.requests} requests of {args.prompt_len}+{args.output_len} tokens at once; "
+          f"fp32; {args.requests} requests of {args.prompt_len}+{args.output_len} tokens at once "
+          f"(fastest of {args.rounds} batches); "
           f"KV budget {job['kv_cache_bytes'] / 2**20:.1f} MiB (vanilla holds "
           f"{args.vanilla_concurrency} requests)")  # fmt: skip
     print(report(results, args))
