@@ -45,15 +45,12 @@ def check_setup(vllm_config) -> None:
 
         layers = hf_config.num_hidden_layers
         pipeline_stage_check(layout, [get_pp_indices(layers, r, pp) for r in range(pp)])
-    dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto")
-    if (
-        layout.pair is not None
-        and dtype not in ("auto", None)
-        and dtype != vllm_config.model_config.dtype
-    ):
+    cache_dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto") or "auto"
+    if layout.pair is not None and cache_dtype != "auto":
         raise UnsupportedExport(
-            f"--kv-cache-dtype {dtype}: a quantized KV cache is not supported for "
-            f"kv_sharing={layout.variant!r} (its 2d cache is rewritten in place); use auto"
+            f"--kv-cache-dtype {cache_dtype} is not supported for kv_sharing={layout.variant!r} "
+            "(its 2d cache is rewritten in place through the cache update op, tested with the "
+            "model's own dtype only); use --kv-cache-dtype auto"
         )
     _maybe_turn_off_cuda_graphs(vllm_config, layout)
 
