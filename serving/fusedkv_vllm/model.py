@@ -51,6 +51,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
+from . import top_prefill
 from .layout import (
     FUSED,
     OWN,
@@ -255,6 +256,14 @@ class FusedKVModel(nn.Module):
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size
         )
+        # Layers from here on neither own nor write a cache: only the logit rows need them.
+        writers = [i for i, r in enumerate(self.layout.roles) if r.role not in (SHARE, FUSED)]
+        self.top_start = max(writers) + 1
+        self.top_names = [
+            f"{prefix}.layers.{i}.self_attn.attn"
+            for i in range(max(self.top_start, self.start_layer), self.end_layer)
+        ]
+        self.top_prefill = top_prefill.wanted(vllm_config) and bool(self.top_names)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -269,8 +278,24 @@ class FusedKVModel(nn.Module):
                 intermediate_tensors["residual"],
             )
         stash: Stash = {}
-        for layer in self.layers[self.start_layer : self.end_layer]:
-            hidden, residual = layer(positions, hidden, residual, stash)
+        top, full = None, None
+        for i in range(self.start_layer, self.end_layer):
+            if i == max(self.top_start, self.start_layer) and self.top_prefill:
+                top = top_prefill.TopRows.enter(self.top_names, hidden.dtype)
+                if top is not None:  # the top half on the logit rows only
+                    full = (hidden, residual)
+                    hidden, residual = hidden[top.rows], residual[top.rows]
+                    positions = positions[..., top.rows]
+            try:
+                hidden, residual = self.layers[i](positions, hidden, residual, stash)
+            except BaseException:
+                if top is not None:
+                    top.exit()
+                raise
+        if top is not None:
+            top.exit()
+            full[0][top.rows], full[1][top.rows] = hidden, residual
+            hidden, residual = full
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": hidden, "residual": residual})
         hidden, _ = self.norm(hidden, residual)

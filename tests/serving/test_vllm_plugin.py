@@ -5,6 +5,8 @@ reference is each export loaded with its own remote code in this (the project's)
 - Exactness: greedy tokens equal and per-token log-probs within 5e-5 (float32), with chunked
   prefill (prompts of 80 tokens, a 32-token batch budget) and prefix caching (a second pass
   served from the cache: at least 64 prompt tokens cached per request).
+- The same with the top half run on the logit rows only (the prefill saving, opt-in), for the
+  FusedKV family.
 - Negative control: the fusedkv export served with a wrong middle source layer must fail that
   comparison.
 - Capacity: the KV-cache tokens the engine sized at VLLM_CPU_KVCACHE_SPACE=1 are >= 1.9x (here
@@ -42,6 +44,8 @@ EXPORTS = {
 SAME_SHAPE_VANILLA = {name: ("gqa" if ov.get("num_key_value_heads", 2) == 2 else "vanilla")
                       for name, (_, ov) in EXPORTS.items()}  # fmt: skip
 SHARING = ["cla", "yoco", "fusedkv", "fusedkv_lite", "fusedkv_lite_learnable"]
+# Served again with the top half on the logit rows only (FUSEDKV_VLLM_TOP_PREFILL=1).
+TOP_PREFILL = ["fusedkv", "fusedkv_lite_learnable"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,9 @@ def served(tmp_path_factory):
         refs[name] = [exports.greedy_reference(model, p, STEPS) for p in prompts]
         runs.append(dict(name=name, model=str(path), engine=ENGINE, prompts=prompts,
                          max_tokens=STEPS, passes=2))  # fmt: skip
+    for name in TOP_PREFILL:
+        runs.append(dict(runs[list(EXPORTS).index(name)], name=f"{name}+top_prefill",
+                         env={"FUSEDKV_VLLM_TOP_PREFILL": "1"}))  # fmt: skip
     # Negative control: the fusedkv export told its middle source is layer 3 (it is 4).
     wrong = root / "fusedkv_wrong_source"
     shutil.copytree(root / "fusedkv", wrong)
@@ -88,14 +95,14 @@ def mismatch(got: list[dict], want: list[dict]) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("name", list(EXPORTS))
+@pytest.mark.parametrize("name", list(EXPORTS) + [f"{n}+top_prefill" for n in TOP_PREFILL])
 def test_greedy_tokens_and_logprobs_equal_the_hf_export(served, name):
     results, refs = served
-    result = results[name]
+    result, ref = results[name], refs[name.split("+")[0]]
     assert "error" not in result, result.get("trace", result.get("error"))
     first, second = result["passes"]
-    assert mismatch(first, refs[name]) is None, mismatch(first, refs[name])
-    assert mismatch(second, refs[name]) is None, mismatch(second, refs[name])
+    assert mismatch(first, ref) is None, mismatch(first, ref)
+    assert mismatch(second, ref) is None, mismatch(second, ref)
     # The second pass was served from the prefix cache (two full 32-token blocks at least).
     assert all(r["cached_prompt_tokens"] >= 2 * BLOCK for r in second), second
 

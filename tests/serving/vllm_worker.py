@@ -3,8 +3,8 @@ writes what the engine produced to JSON. Imports nothing from this repository.
 
     python vllm_worker.py JOB.json OUT.json
 
-JOB: {"runs": [{"name", "model", "engine": {LLM kwargs}, "prompts": [[ids]], "max_tokens",
-"passes"}]}. Every run builds one engine in this process (engine startup is the expensive
+JOB: {"runs": [{"name", "model", "engine": {LLM kwargs}, "env": {variables set while the
+engine is built}, "prompts": [[ids]], "max_tokens", "passes"}]}. Every run builds one engine in this process (engine startup is the expensive
 part, so many runs share one interpreter). OUT, per run: per pass the greedy tokens, their
 log-probs and the prompt tokens served from the prefix cache; "capacity_tokens" (KV-cache
 blocks times block size, as the engine sized them); or "error" (the refusal's message).
@@ -33,10 +33,15 @@ def run_one(run: dict) -> dict:
 
     engine = dict(dtype="float32", skip_tokenizer_init=True, seed=0) | run.get("engine", {})
     started = time.perf_counter()
+    saved = {k: os.environ.get(k) for k in run.get("env", {})}
+    os.environ.update(run.get("env", {}))  # read while the engine builds the model
     try:
         llm = LLM(model=run["model"], **engine)
     except Exception as err:  # a refusal: report its message
         return {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     result = {"startup_s": time.perf_counter() - started, "capacity_tokens": engine_capacity(llm),
               "passes": []}  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], logprobs=0,
