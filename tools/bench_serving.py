@@ -82,6 +82,8 @@ def worker(job_file: str, out_file: str) -> int:
     from vllm.inputs import TokensPrompt
 
     job = json.loads(Path(job_file).read_text())
+    if job["top_prefill"]:  # read by the plugin when it builds each model
+        os.environ["FUSEDKV_VLLM_TOP_PREFILL"] = "1"
     results = {}
     for variant, model in job["exports"].items():
         llm = LLM(model=model, dtype="float32", skip_tokenizer_init=True, seed=0,
@@ -154,6 +156,8 @@ def main(argv=None) -> int:
                    help="requests a vanilla model's cache holds at once (sets the budget)")  # fmt: skip
     p.add_argument("--batch-tokens", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3, help="batches per variant; the fastest counts")
+    p.add_argument("--top-prefill", action="store_true",
+                   help="serve with FUSEDKV_VLLM_TOP_PREFILL=1 (top half on the logit rows only)")  # fmt: skip
     p.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -170,6 +174,7 @@ def main(argv=None) -> int:
         root = Path(tmp)
         job = dict(exports=build_exports(args, root), prompts=prompts, output_len=args.output_len,
                    kv_cache_bytes=cache_bytes(args), batch_tokens=args.batch_tokens, rounds=args.rounds,
+                   top_prefill=args.top_prefill,
                    max_model_len=args.prompt_len + args.output_len)  # fmt: skip
         (root / "job.json").write_text(json.dumps(job))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1")
@@ -184,7 +189,8 @@ def main(argv=None) -> int:
           f"fp32; {args.requests} requests of {args.prompt_len}+{args.output_len} tokens at once "
           f"(fastest of {args.rounds} batches); "
           f"KV budget {job['kv_cache_bytes'] / 2**20:.1f} MiB (vanilla holds "
-          f"{args.vanilla_concurrency} requests)")  # fmt: skip
+          f"{args.vanilla_concurrency} requests); top-half prefill "
+          f"{'on' if args.top_prefill else 'off'}")  # fmt: skip
     print(report(results, args))
     return 0
 
