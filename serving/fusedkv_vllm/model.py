@@ -10,8 +10,9 @@ A Qwen3 decoder whose attention layers follow the export's serving layout (layou
   with [q*a | q*c] and combine the output halves with the value weights. Every write goes
   through vLLM's `unified_kv_cache_update` (the backend's own cache layout).
 
-The model runs eagerly (no torch.compile decorator): the 2d cache's second write happens outside
-the attention layer's own op.
+With FUSEDKV_VLLM_TOP_PREFILL=1 (CPU backend) the layers after the last cache writer run on the
+logit rows only (top_prefill.py). The model runs eagerly (no torch.compile decorator): the 2d
+cache's second write happens outside the attention layer's own op.
 """
 
 from __future__ import annotations
