@@ -25,7 +25,7 @@ from .context import describe_context_parallel, plan_context_parallel
 from .efficiency import Efficiency
 from .flops import TERM_NAMES, TERMS
 from .fusions import Fusions, add_fusion_flags
-from .layout import GiB, Job, Layout, Machine, PlanError
+from .layout import GiB, Job, Layout, Machine, PlanError, layout_from_args
 from .network import Network, network_for
 from .search import Plan, bound_by, plan, search, ties, why_first
 
@@ -153,23 +153,7 @@ def job_and_layout(args: argparse.Namespace, world_size: int) -> tuple[Job, Layo
     # trainer's CPU rules would make of them here.
     fusions = Fusions.from_args(args, planner_parser())
     job = Job(shape, kv, a.seq_length, precision, a.make_vocab_size_divisible_by, fusions)
-    layout = Layout(
-        tp=a.tensor_model_parallel_size,
-        pp=a.pipeline_model_parallel_size,
-        dp=a.data_parallel_size,
-        vpp=a.virtual_pipeline_model_parallel_size,
-        sequence_parallel=a.sequence_parallel,
-        micro_batch_size=a.micro_batch_size,
-        num_microbatches=a.num_microbatches,
-        recompute=a.recompute_granularity or "none",
-        recompute_method=a.recompute_method or "uniform",
-        recompute_num_layers=a.recompute_num_layers or 1,
-        distributed_optimizer=a.use_distributed_optimizer,
-        first_stage_layers=getattr(a, "num_layers_in_first_pipeline_stage", None),
-        last_stage_layers=getattr(a, "num_layers_in_last_pipeline_stage", None),
-        overlap_grad_reduce=bool(getattr(a, "overlap_grad_reduce", False)),
-        overlap_param_gather=bool(getattr(a, "overlap_param_gather", False)),
-    )
+    layout = layout_from_args(a)
     return job, layout
 
 

@@ -237,4 +237,36 @@ def check(job: Job, layout: Layout) -> None:
         raise PlanError(f"recompute_num_layers={layout.recompute_num_layers} must be >= 1")
 
 
-__all__ = ["GiB", "Chunk", "Job", "KVSharingError", "Layout", "Machine", "PlanError", "chunks"]
+def layout_from_args(a) -> Layout:
+    """The layout of a run from its validated `fusedkv-pretrain` arguments (the trainer's own,
+    or the planner's, which parses the same flags)."""
+    return Layout(
+        tp=a.tensor_model_parallel_size,
+        pp=a.pipeline_model_parallel_size,
+        dp=a.data_parallel_size,
+        vpp=a.virtual_pipeline_model_parallel_size,
+        sequence_parallel=a.sequence_parallel,
+        micro_batch_size=a.micro_batch_size,
+        num_microbatches=a.num_microbatches,
+        recompute=a.recompute_granularity or "none",
+        recompute_method=a.recompute_method or "uniform",
+        recompute_num_layers=a.recompute_num_layers or 1,
+        distributed_optimizer=a.use_distributed_optimizer,
+        first_stage_layers=getattr(a, "num_layers_in_first_pipeline_stage", None),
+        last_stage_layers=getattr(a, "num_layers_in_last_pipeline_stage", None),
+        overlap_grad_reduce=bool(getattr(a, "overlap_grad_reduce", False)),
+        overlap_param_gather=bool(getattr(a, "overlap_param_gather", False)),
+    )
+
+
+__all__ = [
+    "GiB",
+    "Chunk",
+    "Job",
+    "KVSharingError",
+    "Layout",
+    "Machine",
+    "PlanError",
+    "chunks",
+    "layout_from_args",
+]

@@ -23,7 +23,8 @@ MEASURE_ITERS = 2
 
 
 def _job_and_layout(rt):
-    from ..planner import Fusions, Job, Layout
+    from ..planner import Fusions, Job
+    from ..planner.layout import layout_from_args
     from ..training.model_size import ModelShape
 
     a = rt.args
@@ -31,23 +32,7 @@ def _job_and_layout(rt):
     precision = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
     # the vocabulary is padded already; a divisor of 1 keeps it
     job = Job(shape, rt.kv, a.seq_length, precision, 1, Fusions.from_config(rt.config))
-    layout = Layout(
-        tp=a.tensor_model_parallel_size,
-        pp=a.pipeline_model_parallel_size,
-        dp=a.data_parallel_size,
-        vpp=a.virtual_pipeline_model_parallel_size,
-        sequence_parallel=a.sequence_parallel,
-        micro_batch_size=a.micro_batch_size,
-        num_microbatches=a.num_microbatches,
-        recompute=a.recompute_granularity or "none",
-        recompute_method=a.recompute_method or "uniform",
-        recompute_num_layers=a.recompute_num_layers or 1,
-        distributed_optimizer=a.use_distributed_optimizer,
-        first_stage_layers=a.num_layers_in_first_pipeline_stage,
-        last_stage_layers=a.num_layers_in_last_pipeline_stage,
-        overlap_grad_reduce=bool(a.overlap_grad_reduce),
-        overlap_param_gather=bool(getattr(a, "overlap_param_gather", False)),
-    )
+    layout = layout_from_args(a)
     return job, layout
 
 
