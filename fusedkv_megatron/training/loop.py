@@ -134,7 +134,8 @@ class Trainer:
         self.inject_nan_iters = set(self.args.inject_nan_iters or ())
         self.memory = MemoryReport(rt)  # the planner's peak, then measured against it
         self.observer = Observer(rt)  # timers, profiler, memory, params norm (observe.py)
-        reporter.attach(self.observer)
+        if reporter is not None:  # a caller may drive train_step without logging
+            reporter.attach(self.observer)
 
     def _data(self, dataset, consumed: int):
         its = microbatch_iterators(

@@ -75,9 +75,9 @@ def run(layout: list[str], mode: list[str], save_dir: str) -> dict:
     out = {"loss": [], "valid": [], "saved": [], "align": rt.model[0].ddp_config.align_param_gather}
     record, log_eval = reporter.record, reporter.log_eval
 
-    def on_record(loss, grad_norm):
+    def on_record(loss, grad_norm, samples=None):
         out["loss"].append(loss)
-        record(loss, grad_norm)
+        record(loss, grad_norm, samples)
 
     def on_eval(name, iteration, loss):
         out["valid"].append(loss)
@@ -94,7 +94,7 @@ def run(layout: list[str], mode: list[str], save_dir: str) -> dict:
     trainer.evaluate(valid_ds, "validation", state.iteration)
     # One more step: is the update visible before an explicit gather?
     data = trainer._data(train_ds, state.consumed_train_samples)
-    trainer.train_step(state, data, time_up=False)
+    trainer.train_step(state, data, False, trainer.batch_sizes.at(state.consumed_train_samples))
     before = _weights(rt.model)
     gather_params(rt.model)
     out["stale_before_gather"] = not torch.equal(before, _weights(rt.model))

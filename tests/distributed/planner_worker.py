@@ -151,7 +151,9 @@ def comm_bytes() -> dict:
                 state = TrainState()
                 counter.calls.clear()
                 counter.counting = True
-                trainer.train_step(state, it, False)
+                trainer.train_step(
+                    state, it, False, trainer.batch_sizes.at(state.consumed_train_samples)
+                )
                 counter.counting = False
                 names = _group_names()
                 totals, control = {}, 0
