@@ -59,8 +59,12 @@ class Fusions:
         actions = getattr(parser, "_option_string_actions", {})
         fields_ = {}
         for name, dest, flag in FLAGS:
-            dest = actions[flag].dest if flag in actions else dest
-            fields_[name] = getattr(args, dest, None) is not False
+            action = actions.get(flag)
+            if action is None:
+                fields_[name] = getattr(args, dest, None) is not False
+            else:  # the opt-out was given when its destination holds the flag's constant
+                # (store_true into a `no_...` destination, or store_false into the fusion's own)
+                fields_[name] = getattr(args, action.dest, action.default) != action.const
         return cls(**fields_)
 
     @classmethod
