@@ -79,7 +79,7 @@ def fused_attention_applies(
     if mixed:
         why.append(f"sources in {', '.join(mixed)} but the query in {q.dtype}")
     forced = requested_backend(backend) == "triton"
-    limits = launch_limit_blockers(q, sources[0]) if sources else []
+    limits = launch_limit_blockers(q, sources[0]) if sources and not why else []
     if limits and not forced and not why and q.dtype in (torch.float16, torch.bfloat16):
         log_fallback_once(f"layer {module.layer_number}", limits)
     why += limits

@@ -10,14 +10,29 @@ accumulation) are exercised by tools/gpu_check.sh.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from fusedkv_megatron import VARIANTS, KVSharingConfig, build_model
 from fusedkv_megatron.fastpath import FUSIONS, describe_fusions, fusion_fields, resolve_fusions
 from fusedkv_megatron.training.arguments import parse_args
+
 from fusedkv_megatron.training.flags_fastpath import disabled_fusions
 from tests.tiny import SEQ, VOCAB, tiny_batch, tiny_config
+
+# A model shape (required) and mock data: the tiny config, no tokenizer.
+TINY = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.yaml"
+BASE = [
+    "--config",
+    str(TINY),
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "512",
+    "--mock-data",
+]
 
 CPU_FUSIONS = dict(bias_activation_fusion=True, bias_dropout_fusion=True)
 
@@ -88,7 +103,7 @@ def test_fusions_on_where_they_can_run_and_off_by_flag():
     assert line.startswith("> fusions on: swiglu (jit-fused), bias-dropout-add (jit-fused); off:")
     assert "rope (no TE)" in line and "fused_weight_gradient_mlp_cuda is not installed" in line
     for f in FUSIONS:
-        args = parse_args(["--mock-data", f.flag])
+        args = parse_args([*BASE, f.flag])
         disabled = disabled_fusions(args)
         assert disabled == {f.field}
         fields = fusion_fields(
@@ -104,7 +119,7 @@ def test_trainer_config_carries_the_fusion_state(monkeypatch):
     from fusedkv_megatron.training import initialize
     from fusedkv_megatron.training.arguments import validate_args
 
-    args = validate_args(parse_args(["--mock-data", "--no-rope-fusion"]), world_size=1, cuda=False)
+    args = validate_args(parse_args([*BASE, "--no-rope-fusion"]), world_size=1, cuda=False)
     monkeypatch.setattr(initialize.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(fastpath, "apex_wgrad_available", lambda: False)
     states = initialize.fusion_states(args)
