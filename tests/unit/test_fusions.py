@@ -18,7 +18,6 @@ import torch
 from fusedkv_megatron import VARIANTS, KVSharingConfig, build_model
 from fusedkv_megatron.fastpath import FUSIONS, describe_fusions, fusion_fields, resolve_fusions
 from fusedkv_megatron.training.arguments import parse_args
-
 from fusedkv_megatron.training.flags_fastpath import disabled_fusions
 from tests.tiny import SEQ, VOCAB, tiny_batch, tiny_config
 
