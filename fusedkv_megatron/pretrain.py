@@ -56,7 +56,7 @@ def _run(args, signals) -> int:
     rt = setup(args)
     a = args
     if a.host_memory_check:  # before the first step: a run that cannot save stops here
-        check_host_memory(a, rt.padded_vocab_size)
+        check_host_memory(rt)
     # a tokenizer file or directory is kept with every checkpoint
     tokenizer_file = a.tokenizer_model if fmt.tokenizer_entry(a.tokenizer_type) else None
     if tokenizer_file and a.save and _inside(tokenizer_file, a.save):

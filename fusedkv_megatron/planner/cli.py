@@ -131,11 +131,6 @@ def trainer_view(args: argparse.Namespace, world_size: int) -> argparse.Namespac
     a.tokenizer_type, a.tokenizer_model = "NullTokenizer", None
     a.vocab_size = args.vocab_size or PAPER_VOCAB
     a.fp8_format, a.skip_train = None, False
-    if getattr(args, "validated_world_size", None) == world_size:
-        # The trainer's own, validated arguments: derived already (validating again would read
-        # the checkpoint's tokenizer back, and see both a sample count and the iterations it
-        # derived from it).
-        return a
     if a.train_iters is None and a.train_samples is None:
         a.train_iters = 1  # the plan does not depend on the training length
     if hasattr(a, "transformer_impl"):

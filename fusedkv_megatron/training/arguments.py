@@ -546,5 +546,4 @@ def validate_args(args: argparse.Namespace, world_size: int, cuda: bool) -> argp
     check_schedule_args(args)
     check_observability_args(args, world_size, cuda)
     check_saving_args(args, ArgumentError)
-    args.validated_world_size = world_size  # derived values are in place (see trainer_view)
     return args

@@ -7,7 +7,6 @@ close to it, one warning line. The estimate is planner.host_memory's, which fuse
 
 from __future__ import annotations
 
-import copy
 import re
 
 import torch
@@ -23,17 +22,15 @@ from ..planner.host_memory import (
 from .arguments import ArgumentError
 
 
-def estimate(args, world_size: int, padded_vocab_size: int, on_gpu: bool) -> HostMemory:
-    """The planner's per-rank figures for this run, turned into the node's host peak."""
-    from ..planner.cli import job_and_layout
+def estimate(rt, world_size: int, on_gpu: bool) -> HostMemory:
+    """The planner's per-rank figures for this run as built, turned into the node's host peak."""
     from ..planner.memory import memory_per_rank
+    from .memory_report import job_and_layout
 
-    a = copy.copy(args)
-    a.vocab_size = padded_vocab_size
-    job, layout = job_and_layout(a, world_size)
+    job, layout = job_and_layout(rt)
     ranks = memory_per_rank(job, layout, "fused" if on_gpu else "composite")
     local = min(local_ranks_from_env(world_size), world_size)
-    return for_job(job, layout, ranks, args, local_ranks=local, on_gpu=on_gpu)
+    return for_job(job, layout, ranks, rt.args, local_ranks=local, on_gpu=on_gpu)
 
 
 def _status_bytes(name: str) -> int:
@@ -61,10 +58,11 @@ def _fixes(args, est: HostMemory) -> str:
     return "; ".join(fixes)
 
 
-def check_host_memory(args, padded_vocab_size: int) -> HostMemory:
+def check_host_memory(rt) -> HostMemory:
     """Raise ArgumentError (exit 2) when the estimate exceeds the node's available memory."""
+    args = rt.args
     on_gpu = torch.cuda.is_available()
-    est = estimate(args, torch.distributed.get_world_size(), padded_vocab_size, on_gpu)
+    est = estimate(rt, torch.distributed.get_world_size(), on_gpu)
     resident, virtual = _status_bytes("VmRSS"), _status_bytes("VmSize")
     available, source = available_host_memory(resident, virtual, est.local_ranks)
     need = est.node

@@ -22,7 +22,9 @@ import torch
 MEASURE_ITERS = 2
 
 
-def _job_and_layout(rt):
+def job_and_layout(rt):
+    """The planner's Job and Layout of this run as built (padded vocabulary, fusions as in the
+    model's config): what the start-up predictions plan."""
     from ..planner import Fusions, Job
     from ..planner.layout import layout_from_args
     from ..training.model_size import ModelShape
@@ -43,7 +45,7 @@ def predicted(rt):
 
     from ..planner.memory import rank_memory
 
-    job, layout = _job_and_layout(rt)
+    job, layout = job_and_layout(rt)
     norm_impl = "fused" if rt.device.type == "cuda" else "composite"
     try:
         return rank_memory(
